@@ -1,0 +1,6 @@
+"""Whole networks whose attention is part of the architecture, registered as
+``source: attnzoo`` backbones. Importing this package registers them all."""
+
+from __future__ import annotations
+
+from . import bisenet, pan, ras, resattnet, stdc, stn, tiny  # noqa: F401  (registration)

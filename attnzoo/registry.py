@@ -1,0 +1,84 @@
+"""The closed registries: block type -> config model, backbone source/name -> factory.
+
+Only names live here. A spec can pick a registered entry by name; it can never
+name a Python path, so nothing in a spec is imported or evaluated.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from .errors import SpecError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from .blocks.base import BlockConfig
+
+_BLOCKS: dict[str, type[BlockConfig]] = {}
+_ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+
+C = TypeVar("C", bound="type[BlockConfig]")
+F = TypeVar("F", bound=Callable[..., "nn.Module"])
+
+
+def register_block(config_cls: C) -> C:
+    """Class decorator: register a block config under its ``type`` literal."""
+    name = config_cls.block_type()
+    if name in _BLOCKS and _BLOCKS[name] is not config_cls:
+        raise RuntimeError(f"block type {name!r} is registered twice")
+    _BLOCKS[name] = config_cls
+    return config_cls
+
+
+def register_architecture(name: str) -> Callable[[F], F]:
+    """Decorator: register a factory as the attnzoo backbone ``name``."""
+
+    def wrap(factory: F) -> F:
+        if name in _ARCHITECTURES and _ARCHITECTURES[name] is not factory:
+            raise RuntimeError(f"architecture {name!r} is registered twice")
+        _ARCHITECTURES[name] = factory
+        return factory
+
+    return wrap
+
+
+def _load_blocks() -> None:
+    # Importing the families runs their register_* decorators.
+    from . import blocks  # noqa: F401
+
+
+def _load_architectures() -> None:
+    from . import architectures  # noqa: F401
+
+
+def block_configs() -> dict[str, type[BlockConfig]]:
+    _load_blocks()
+    return dict(sorted(_BLOCKS.items()))
+
+
+def get_block_config(name: str) -> type[BlockConfig]:
+    configs = block_configs()
+    if name not in configs:
+        raise SpecError(f"unknown block type {name!r}{did_you_mean(name, configs)}")
+    return configs[name]
+
+
+def architectures() -> dict[str, Callable[..., nn.Module]]:
+    _load_architectures()
+    return dict(sorted(_ARCHITECTURES.items()))
+
+
+def get_architecture(name: str) -> Callable[..., nn.Module]:
+    archs = architectures()
+    if name not in archs:
+        raise SpecError(f"unknown attnzoo architecture {name!r}{did_you_mean(name, archs)}")
+    return archs[name]
+
+
+def did_you_mean(name: str, choices, n: int = 3) -> str:
+    """A ' (did you mean ...?)' suffix listing the closest choices, or ''."""
+    close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
+    return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
