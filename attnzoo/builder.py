@@ -1,0 +1,228 @@
+"""Compile a ModelSpec into an ordinary nn.Module.
+
+1. Build the backbone (timm, or an attnzoo architecture) without weights.
+2. Probe it once on the meta device: the input and output shape of every site.
+3. Build each block for its site and insert it, keeping the backbone's class and
+   its parameter names. No forward hooks remain on the model.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from .blocks.base import BlockConfig, Site
+from .errors import SpecError
+from .registry import did_you_mean, get_architecture
+from .sites import SiteRef, resolve_sites
+from .spec import ModelSpec
+
+AFTER, BEFORE = "attnzoo_after", "attnzoo_before"
+
+
+@dataclass(frozen=True)
+class InsertedBlock:
+    """What the builder put where: one row of ``attnzoo summary``."""
+
+    name: str           # the block's module path in the built model
+    block_type: str
+    site: str           # the backbone module path the block is attached to
+    position: str
+    channels: int
+    size: tuple[int, ...] | None
+    params: int
+
+
+class IdentityBlend(nn.Module):
+    """``x + alpha * (block(x) - x)`` with ``alpha = 0`` at init: makes a gating block
+    (SE, CBAM, ...) start as the identity for ``zero_init``; training learns alpha."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+        self.alpha = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.alpha * (self.block(x) - x)
+
+
+@functools.cache
+def _with_attention_class(base: type[nn.Module], before: bool, after: bool) -> type[nn.Module]:
+    """A subclass of ``base`` whose forward runs ``attnzoo_before`` on its input and/or
+    ``attnzoo_after`` on its output. Cached, so one class per (base, before, after)."""
+
+    def forward(self, x, *args, **kwargs):
+        if before:
+            x = self.attnzoo_before(x)
+        y = base.forward(self, x, *args, **kwargs)
+        return self.attnzoo_after(y) if after else y
+
+    suffix = "".join(s for s, on in (("Before", before), ("After", after)) if on)
+    name = f"{base.__name__}WithAttention{suffix}"
+    return type(name, (base,), {"forward": forward, "__module__": __name__, "_attnzoo_base": base,
+                                "__doc__": f"{base.__name__} with attnzoo blocks attached."})
+
+
+def _attach(model: nn.Module, path: str, child_name: str, block: nn.Module) -> str:
+    module = model.get_submodule(path)
+    existing = module._modules.get(child_name)
+    if existing is None:
+        module.add_module(child_name, block)
+    elif isinstance(existing, _Chain):
+        existing.append(block)
+    else:
+        module._modules[child_name] = _Chain(existing, block)
+    base = getattr(type(module), "_attnzoo_base", type(module))
+    module.__class__ = _with_attention_class(
+        base, BEFORE in module._modules, AFTER in module._modules)
+    chain = module._modules[child_name]
+    index = f".{len(chain) - 1}" if isinstance(chain, _Chain) else ""
+    return f"{path}.{child_name}{index}"
+
+
+class _Chain(nn.Sequential):
+    """Several blocks attached at the same place, applied in spec order."""
+
+
+def _replace(model: nn.Module, path: str, block: nn.Module) -> str:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    parent._modules[name] = block
+    return path
+
+
+def _make_backbone(spec: ModelSpec, num_classes: int | None, extra: dict[str, Any]
+                   ) -> nn.Module:
+    args = {**spec.backbone.args, **extra}
+    if num_classes is not None:
+        args["num_classes"] = num_classes
+    where = f"{spec.name}: backbone {spec.backbone.source}:{spec.backbone.name}"
+    if spec.backbone.source == "attnzoo":
+        factory = get_architecture(spec.backbone.name)
+        try:
+            return factory(**args)
+        except TypeError as exc:
+            raise SpecError(f"{where}: bad args {sorted(args)}: {exc}") from None
+    if not timm.is_model(spec.backbone.name):
+        hint = did_you_mean(spec.backbone.name, timm.list_models())
+        raise SpecError(f"{where}: timm has no model {spec.backbone.name!r}{hint}")
+    try:
+        return timm.create_model(spec.backbone.name, pretrained=False, **args)
+    except TypeError as exc:
+        raise SpecError(f"{where}: bad args {sorted(args)}: {exc}") from None
+
+
+def probe_input_size(model: nn.Module, spec: ModelSpec, args: dict[str, Any]
+                     ) -> tuple[int, ...]:
+    """The (C, H, W) the model is made for: the spec's, else an ``img_size`` arg, else
+    the backbone's pretrained_cfg, else 3x224x224."""
+    if spec.input_size is not None:
+        return tuple(spec.input_size)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, h, w = cfg.get("input_size", (3, 224, 224))
+    chans = args.get("in_chans", chans)
+    if "img_size" in args:
+        size = args["img_size"]
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (chans, h, w)
+
+
+def _shape_of(t: Any) -> tuple[int, tuple[int, ...] | None] | None:
+    if not isinstance(t, torch.Tensor):
+        return None
+    if t.dim() == 4:
+        return t.shape[1], tuple(t.shape[2:])
+    if t.dim() == 3:                      # (B, N, C) token sequences
+        return t.shape[-1], (t.shape[1],)
+    return t.shape[-1], None
+
+
+def probe(model: nn.Module, paths: set[str], input_size: tuple[int, ...]
+          ) -> dict[str, tuple[Any, Any]]:
+    """Input and output (channels, size) at each path, from one forward pass on the meta
+    device (no real compute, weights untouched). The temporary hooks are removed."""
+    found: dict[str, tuple[Any, Any]] = {}
+    handles = []
+    for path in paths:
+        def hook(_m, inputs, output, path=path):
+            if path not in found:
+                found[path] = (_shape_of(inputs[0]) if inputs else None, _shape_of(output))
+        handles.append(model.get_submodule(path).register_forward_hook(hook))
+    meta = {k: torch.empty_like(v, device="meta")
+            for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    was_training = model.training
+    try:
+        model.eval()
+        x = torch.empty((1, *input_size), device="meta")
+        with torch.no_grad():
+            torch.func.functional_call(model, meta, (x,), strict=False)
+    except Exception as exc:  # noqa: BLE001 - any failure of the dry run is reported
+        raise SpecError(f"shape probe of {type(model).__name__} at input {input_size} "
+                        f"failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return found
+
+
+def build_model(spec: ModelSpec, num_classes: int | None = None, **backbone_args: Any
+                ) -> nn.Module:
+    """Build the model a spec describes, with random initialisation."""
+    n_cls = num_classes if num_classes is not None else spec.num_classes
+    model = _make_backbone(spec, n_cls, backbone_args)
+    plan: list[tuple[str, BlockConfig, SiteRef, bool]] = []
+    for i, ins in enumerate(spec.insert):
+        where = f"{spec.name}: insert[{i}] ({ins.block.block_type()})"
+        if ins.zero_init and not isinstance(ins.at, str) and ins.at.position == "replace":
+            raise SpecError(f"{where}: zero_init cannot apply to a 'replace' site")
+        for site in resolve_sites(model, ins, where):
+            plan.append((where, ins.block, site, ins.zero_init))
+    input_size = probe_input_size(model, spec, {**spec.backbone.args, **backbone_args})
+    shapes = probe(model, {s.path for _, _, s, _ in plan}, input_size) if plan else {}
+    inserted: list[InsertedBlock] = []
+    for where, config, site, zero_init in plan:
+        inserted.append(_insert(model, where, config, site, zero_init, shapes.get(site.path)))
+    model.attnzoo_spec = spec
+    model.attnzoo_blocks = inserted
+    return model
+
+
+def _insert(model: nn.Module, where: str, config: BlockConfig, site: SiteRef, zero_init: bool,
+            shape: tuple[Any, Any] | None) -> InsertedBlock:
+    if shape is None or shape[0] is None or shape[1] is None:
+        raise SpecError(f"{where}: module {site.path!r} was not reached by a forward pass, "
+                        "or does not take and return a tensor; pick another site")
+    (in_ch, in_size), (out_ch, out_size) = shape
+    target = model.get_submodule(site.path)
+    if site.position == "replace":
+        stride = getattr(target, "stride", 1)
+        site_info = Site(channels=in_ch, size=in_size, out_channels=out_ch, out_size=out_size,
+                         stride=stride[0] if isinstance(stride, tuple) else int(stride),
+                         replaced=target)
+    elif site.position == "before":
+        site_info = Site(channels=in_ch, size=in_size)
+    else:
+        site_info = Site(channels=out_ch, size=out_size)
+    try:
+        block = config.build(site_info)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"{where}: cannot build at {site.path} ({site.position}, "
+                        f"{site_info.channels} channels): {exc}") from None
+    if zero_init:
+        if config.residual and hasattr(block, "reset_identity_"):
+            block.reset_identity_()
+        else:
+            block = IdentityBlend(block)
+    params = sum(p.numel() for p in block.parameters())
+    if site.position == "replace":
+        name = _replace(model, site.path, block)
+    else:
+        name = _attach(model, site.path, AFTER if site.position == "after" else BEFORE, block)
+    return InsertedBlock(name, config.block_type(), site.path, site.position,
+                         site_info.channels, site_info.size, params)

@@ -1,0 +1,58 @@
+"""Map the weights of a timm model onto the zoo model that is the same network.
+
+Only zoo models listed in ``TIMM_EQUIVALENTS`` have a timm twin; for each, a
+list of regex renames (and an optional transform) turns timm's state-dict keys
+into attnzoo's. The result loads strictly; a test per entry checks outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import WeightsError
+from .registry import did_you_mean
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TimmEquivalent:
+    """A timm model that is the same network as a zoo model."""
+
+    timm_name: str
+    renames: list[tuple[str, str]] = field(default_factory=list)
+    transform: Callable[[StateDict], StateDict] | None = None
+    timm_args: Mapping[str, Any] = field(default_factory=dict)
+
+
+TIMM_EQUIVALENTS: dict[str, TimmEquivalent] = {
+    # timm's SE-ResNet-50 puts SE in the `se` slot of each bottleneck: after bn3,
+    # before the add -- attnzoo's `residual` site.
+    "resnet50_se": TimmEquivalent(
+        "seresnet50", renames=[(r"^(layer\d+\.\d+)\.se\.", r"\1.bn3.attnzoo_after.")]
+    ),
+}
+
+
+def from_timm(name: str, state_dict: Mapping[str, torch.Tensor]) -> StateDict:
+    """timm state dict -> state dict of the zoo model ``name`` (same tensors, new keys)."""
+    if name not in TIMM_EQUIVALENTS:
+        raise WeightsError(f"zoo model {name!r} has no timm equivalent"
+                           f"{did_you_mean(name, TIMM_EQUIVALENTS)}; known: "
+                           f"{', '.join(sorted(TIMM_EQUIVALENTS))}")
+    eq = TIMM_EQUIVALENTS[name]
+    rules = [(re.compile(p), r) for p, r in eq.renames]
+    out: StateDict = {}
+    for key, value in state_dict.items():
+        new = key
+        for pattern, repl in rules:
+            new = pattern.sub(repl, new)
+        if new in out:
+            raise WeightsError(f"from_timm({name!r}): keys collide on {new!r}")
+        out[new] = value
+    return eq.transform(out) if eq.transform else out
