@@ -6,7 +6,7 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from ..registry import register_block
@@ -91,3 +91,10 @@ class ECAConfig(BlockConfig):
     )
 
     module = EfficientChannelAttention
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd_kernel(cls, k: int | None) -> int | None:
+        if k is not None and k % 2 == 0:
+            raise ValueError(f"kernel_size must be odd to keep C channels, got {k}")
+        return k
