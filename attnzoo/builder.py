@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-import functools
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,11 +51,22 @@ class IdentityBlend(nn.Module):
         return x + self.alpha * (self.block(x) - x)
 
 
-@functools.cache
+_CLASSES: dict[tuple[type[nn.Module], bool, bool], type[nn.Module]] = {}
+_CLASSES_LOCK = threading.Lock()
+
+
 def _with_attention_class(base: type[nn.Module], before: bool, after: bool) -> type[nn.Module]:
     """A subclass of ``base`` whose forward runs ``attnzoo_before`` on its input and/or
-    ``attnzoo_after`` on its output. Cached, so one class per (base, before, after)."""
+    ``attnzoo_after`` on its output. One class per (base, before, after), shared by all
+    models and threads."""
+    key = (base, before, after)
+    with _CLASSES_LOCK:
+        if key not in _CLASSES:
+            _CLASSES[key] = _make_attention_class(*key)
+        return _CLASSES[key]
 
+
+def _make_attention_class(base: type[nn.Module], before: bool, after: bool) -> type[nn.Module]:
     def forward(self, x, *args, **kwargs):
         if before:
             x = self.attnzoo_before(x)
