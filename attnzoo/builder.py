@@ -182,9 +182,16 @@ def probe(model: nn.Module, paths: set[str], input_size: tuple[int, ...]
     return found
 
 
-def build_model(spec: ModelSpec, num_classes: int | None = None, **backbone_args: Any
-                ) -> nn.Module:
-    """Build the model a spec describes, with random initialisation."""
+def build_model(spec: ModelSpec, num_classes: int | None = None, *,
+                device: str | torch.device | None = None, **backbone_args: Any) -> nn.Module:
+    """Build the model a spec describes, with random initialisation.
+
+    ``device="meta"`` builds it without allocating or initialising any tensor, for
+    weights that will overwrite everything (``load_state_dict(..., assign=True)``).
+    """
+    if device is not None:
+        with torch.device(device):
+            return build_model(spec, num_classes, **backbone_args)
     n_cls = num_classes if num_classes is not None else spec.num_classes
     model = _make_backbone(spec, n_cls, backbone_args)
     plan: list[tuple[str, BlockConfig, SiteRef, bool]] = []
