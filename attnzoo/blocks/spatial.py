@@ -1,1 +1,151 @@
-"""Not written yet."""
+"""Spatial attention: where to look (Spatial Transformer, reverse attention, ...)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..registry import register_block
+from .base import BlockConfig
+
+
+def _odd_kernel(k: int) -> int:
+    if k % 2 == 0:
+        raise ValueError(f"kernel_size must be odd to keep the map size, got {k}")
+    return k
+
+# --- stn: Spatial Transformer Networks (Jaderberg et al., 1506.02025) -------------------
+
+
+class SpatialTransformer(nn.Module):
+    """Spatial Transformer (1506.02025): a localisation net regresses an affine theta
+    (2x3) from the input, ``affine_grid`` turns it into a sampling grid of the input's
+    size, and ``grid_sample`` resamples the input with it (bilinear, zeros outside).
+
+    The localisation net is the paper's SVHN one (two 5x5 convs with 32 filters, each
+    followed by 2x2 max-pooling and ReLU, then two fully connected layers of 32 units and
+    the 6-unit regression layer). It sees the input resized to ``loc_resolution`` (64,
+    the paper's SVHN input size), so it works at any input size and costs the same at
+    224 as at 64. The regression layer starts at zero weight and the identity bias, so
+    at initialisation the block returns its input unchanged.
+    """
+
+    def __init__(self, channels: int, loc_resolution: int = 64, hidden_channels: int = 32,
+                 kernel_size: int = 5, fc_units: int = 32) -> None:
+        super().__init__()
+        self.loc_resolution = loc_resolution
+        pad = kernel_size // 2
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, hidden_channels, kernel_size, padding=pad),
+            nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden_channels, hidden_channels, kernel_size, padding=pad),
+            nn.MaxPool2d(2),
+            nn.ReLU(inplace=True),
+        )
+        side = loc_resolution // 4
+        self.fc = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(hidden_channels * side * side, fc_units),
+            nn.ReLU(inplace=True),
+            nn.Linear(fc_units, fc_units),
+            nn.ReLU(inplace=True),
+        )
+        self.theta = nn.Linear(fc_units, 6)
+        self.reset_identity_()
+
+    def reset_identity_(self) -> None:
+        """Make the regression layer output the identity transform for every input."""
+        nn.init.zeros_(self.theta.weight)
+        with torch.no_grad():
+            self.theta.bias.copy_(torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0]))
+
+    def affine(self, x: torch.Tensor) -> torch.Tensor:
+        """The (N, 2, 3) affine transforms the localisation net predicts for ``x``."""
+        small = F.interpolate(x, size=(self.loc_resolution, self.loc_resolution),
+                              mode="bilinear", align_corners=False)
+        return self.theta(self.fc(self.features(small))).view(-1, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        theta = self.affine(x)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)
+
+    def extra_repr(self) -> str:
+        return f"loc_resolution={self.loc_resolution}"
+
+
+@register_block
+class STNConfig(BlockConfig):
+    """Spatial Transformer, https://arxiv.org/abs/1506.02025"""
+
+    type: Literal["stn"]
+    loc_resolution: int = Field(
+        64, ge=4, multiple_of=4, description="Side the input is resized to before the "
+        "localisation net (the paper's SVHN input is 64x64); keeps its cost fixed.")
+    hidden_channels: int = Field(32, ge=1, description="Filters of the localisation convs.")
+    kernel_size: int = Field(5, ge=1, description="Kernel of the localisation convs.")
+    fc_units: int = Field(32, ge=1, description="Units of the two fully connected layers.")
+
+    module = SpatialTransformer
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, k: int) -> int:
+        return _odd_kernel(k)
+
+
+# --- reverse: Reverse Attention (RAS, Chen et al., 1807.09940) -------------------------
+
+
+class ReverseAttention(nn.Module):
+    """Reverse attention side-output unit of RAS (1807.09940).
+
+    ``forward(features, coarse)`` takes a side feature map and the coarser (deeper)
+    saliency logits, upsamples the logits to the side's size, weights every channel of
+    the features by ``1 - sigmoid(logits)`` (attention on what is *not yet* found), runs
+    1x1 conv -> ``num_convs`` x (3x3 conv, ReLU) -> 3x3 conv to one channel, and adds the
+    result to the upsampled logits: the side output learns the residual.
+
+    It takes two inputs, so it lives in architectures with side outputs (``ras``);
+    it cannot be inserted after a single module of a plain backbone.
+    """
+
+    def __init__(self, channels: int, hidden_channels: int = 64, num_convs: int = 2,
+                 kernel_size: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(channels, hidden_channels, 1)]
+        for _ in range(num_convs):
+            layers += [nn.Conv2d(hidden_channels, hidden_channels, kernel_size,
+                                 padding=kernel_size // 2), nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(hidden_channels, 1, kernel_size, padding=kernel_size // 2))
+        self.residual = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        coarse = F.interpolate(coarse, size=features.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        reverse_weight = 1.0 - torch.sigmoid(coarse)
+        return coarse + self.residual(features * reverse_weight)
+
+
+@register_block
+class ReverseConfig(BlockConfig):
+    """Reverse attention (RAS), https://arxiv.org/abs/1807.09940"""
+
+    type: Literal["reverse"]
+    hidden_channels: int = Field(64, ge=1, description="Width of the side-output convs.")
+    num_convs: int = Field(2, ge=0, description="3x3 conv + ReLU layers between the 1x1 "
+                           "conv and the output conv (2 in the paper; 3 in its ResNet port).")
+    kernel_size: int = Field(3, ge=1, description="Kernel of the side-output convs (odd).")
+
+    module = ReverseAttention
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, k: int) -> int:
+        return _odd_kernel(k)
