@@ -23,6 +23,7 @@ from .sites import SiteRef, resolve_sites
 from .spec import ModelSpec
 
 AFTER, BEFORE = "attnzoo_after", "attnzoo_before"
+_RANK_NAMES = {4: "4-D (N, C, H, W)", 3: "3-D (B, N, C)", 2: "2-D (N, C)"}
 
 
 @dataclass(frozen=True)
@@ -143,14 +144,16 @@ def probe_input_size(model: nn.Module, spec: ModelSpec, args: dict[str, Any]
     return (chans, h, w)
 
 
-def _shape_of(t: Any) -> tuple[int, tuple[int, ...] | None] | None:
-    if not isinstance(t, torch.Tensor):
+def _shape_of(t: Any) -> tuple[int, tuple[int, ...] | None, int] | None:
+    """(channels, size, rank): NCHW maps give (C, (H, W), 4); token sequences
+    (B, N, C) give (C, (N,), 3); anything else (C of the last dim, None, rank)."""
+    if not isinstance(t, torch.Tensor) or t.dim() < 2:
         return None
     if t.dim() == 4:
-        return t.shape[1], tuple(t.shape[2:])
-    if t.dim() == 3:                      # (B, N, C) token sequences
-        return t.shape[-1], (t.shape[1],)
-    return t.shape[-1], None
+        return t.shape[1], tuple(t.shape[2:]), 4
+    if t.dim() == 3:
+        return t.shape[-1], (t.shape[1],), 3
+    return t.shape[-1], None, t.dim()
 
 
 def probe(model: nn.Module, paths: set[str], input_size: tuple[int, ...]
@@ -216,7 +219,13 @@ def _insert(model: nn.Module, where: str, config: BlockConfig, site: SiteRef, ze
     if shape is None or shape[0] is None or shape[1] is None:
         raise SpecError(f"{where}: module {site.path!r} was not reached by a forward pass, "
                         "or does not take and return a tensor; pick another site")
-    (in_ch, in_size), (out_ch, out_size) = shape
+    (in_ch, in_size, in_rank), (out_ch, out_size, out_rank) = shape
+    rank = out_rank if site.position == "after" else in_rank
+    if rank not in config.input_ranks:
+        wanted = " or ".join(_RANK_NAMES.get(r, f"{r}-D") for r in config.input_ranks)
+        raise SpecError(f"{where}: block {config.block_type()!r} takes {wanted} tensors, but "
+                        f"{site.position} {site.path!r} the tensor is "
+                        f"{_RANK_NAMES.get(rank, f'{rank}-D')}; pick another site")
     target = model.get_submodule(site.path)
     if site.position == "replace":
         stride = getattr(target, "stride", 1)

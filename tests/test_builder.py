@@ -197,3 +197,9 @@ def test_backward_reaches_inserted_blocks():
     model(X).sum().backward()
     grad = model.layer1[0].bn2.attnzoo_after.channel.fc1.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_block_at_a_site_of_the_wrong_rank_is_refused():
+    with pytest.raises(SpecError, match=r"takes 4-D \(N, C, H, W\) tensors.*'fc'.*2-D"):
+        attnzoo.create_model(spec({"block": {"type": "se"},
+                                   "at": {"path": "fc", "position": "after"}}))

@@ -46,6 +46,8 @@ class BlockConfig(BaseModel):
     #: Residual-style blocks (out = x + f(x)) that can start as the identity by
     #: zeroing their last layer; gating blocks are blended instead (see builder).
     residual: ClassVar[bool] = False
+    #: Ranks of the tensors the block takes: 4 = (N, C, H, W) maps, 3 = (B, N, C) tokens.
+    input_ranks: ClassVar[tuple[int, ...]] = (4,)
 
     @classmethod
     def block_type(cls) -> str:
