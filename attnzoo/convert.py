@@ -30,7 +30,24 @@ class TimmEquivalent:
     timm_args: Mapping[str, Any] = field(default_factory=dict)
 
 
+# timm's SK-ResNets are ResNets whose 3x3 conv (conv1 of BasicBlock, conv2 of Bottleneck)
+# is a SelectiveKernel with conv-BN-ReLU paths, and whose other convs are ConvNormAct
+# (conv + bn in one module). attnzoo's specs replace that conv with `sk` and the BN after
+# it with `identity`. Order matters: ConvNormAct's `.bn.` goes to bnN before the SK
+# attention's own `attn.bn` is lifted into the sk module.
+_SK_RESNET_RENAMES = [
+    (r"^(layer\d+\.\d+)\.conv(\d)\.conv\.", r"\1.conv\2."),
+    (r"^(layer\d+\.\d+)\.conv(\d)\.bn\.", r"\1.bn\2."),
+    (r"^(layer\d+\.\d+\.conv\d)\.paths\.", r"\1.branches."),
+    (r"^(layer\d+\.\d+\.conv\d)\.attn\.", r"\1."),
+]
+
 TIMM_EQUIVALENTS: dict[str, TimmEquivalent] = {
+    # Selective Kernel: timm skresnet18/34 (split input, d = max(C/8, 16)) and
+    # skresnext50_32x4d (the paper's SKNet-50).
+    "resnet18_sk": TimmEquivalent("skresnet18", renames=_SK_RESNET_RENAMES),
+    "resnet34_sk": TimmEquivalent("skresnet34", renames=_SK_RESNET_RENAMES),
+    "resnet50_sk": TimmEquivalent("skresnext50_32x4d", renames=_SK_RESNET_RENAMES),
     # timm's SE-ResNet-50 puts SE in the `se` slot of each bottleneck: after bn3,
     # before the add -- attnzoo's `residual` site.
     "resnet50_se": TimmEquivalent(
