@@ -1,1 +1,249 @@
-"""Not written yet."""
+"""BiSeNet V1 (Yu et al., ECCV 2018, https://arxiv.org/abs/1808.00897).
+
+A spatial path (three stride-2 conv-BN-ReLU, 1/8) keeps detail; a context path
+(ResNet-18, timm ``features_only``) with a global-pool tail gives receptive field.
+The Attention Refinement Module (ARM) reweights the channels of the last two context
+stages; the Feature Fusion Module (FFM) fuses both paths with an SE-like reweighting.
+Both are registered block types (``arm``, ``ffm``) and are spec fields of the
+architecture, so ``backbone.args.arm: {type: cbam}`` swaps the ARM for CBAM.
+
+The helpers here (``ConvBNReLU``, ``build_arch_block``, ``resize``) are shared by the
+other segmentation architectures (PAN, RAS).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import timm
+import torch
+import torch.nn.functional as F
+from pydantic import Field, ValidationError, field_validator
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch import nn
+
+from ..blocks import parse_block
+from ..blocks.base import BlockConfig, Site
+from ..errors import SpecError
+from ..registry import block_configs, register_architecture, register_block
+from ..spec import format_validation_error
+
+# --- shared helpers -------------------------------------------------------------------
+
+
+class ConvBNReLU(nn.Sequential):
+    """KxK conv (no bias, 'same' padding) -> BN -> ReLU (the ReLU is optional)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, relu: bool = True) -> None:
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride,
+                      padding=kernel_size // 2, bias=False),
+            nn.BatchNorm2d(out_channels),
+        ]
+        if relu:
+            layers.append(nn.ReLU(inplace=True))
+        super().__init__(*layers)
+
+
+def resize(x: torch.Tensor, size: Any) -> torch.Tensor:
+    """Bilinear resize of a feature map or logits to ``size`` (H, W)."""
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def parse_arch_block(data: Any, where: str) -> BlockConfig:
+    """Validate a block config given as an architecture arg.
+
+    Looks the type up in the live registry first, so that block types registered by
+    architecture modules (``arm``, ``ffm``, ``fpa``, ``gau``) are found even when the
+    cached union behind ``parse_block`` was built before they were imported.
+    """
+    if isinstance(data, dict) and isinstance(data.get("type"), str):
+        config_cls = block_configs().get(data["type"])
+        if config_cls is not None:
+            try:
+                return config_cls.model_validate(data)
+            except ValidationError as exc:
+                raise SpecError(format_validation_error(exc, where)) from None
+    return parse_block(data, where)
+
+
+def build_arch_block(data: Any, where: str, site: Site) -> nn.Module:
+    """Parse a block config arg and build it for ``site``, errors naming ``where``."""
+    config = parse_arch_block(data, where)
+    try:
+        return config.build(site)
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"{where}: cannot build block {config.block_type()!r} with "
+                        f"{site.channels} -> {site.output_channels} channels: {exc}") from None
+
+
+def feature_size(input_size: tuple[int, int, int], stride: int) -> tuple[int, int]:
+    """(H, W) of a feature map at ``stride`` for an input of (C, H, W)."""
+    return (max(1, input_size[1] // stride), max(1, input_size[2] // stride))
+
+
+# --- arm: Attention Refinement Module ------------------------------------------------------
+
+
+class AttentionRefinement(nn.Module):
+    """BiSeNet's ARM: GAP -> 1x1 conv -> BN -> sigmoid -> scale the channels."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.bn(self.conv(x.mean((2, 3), keepdim=True))))
+
+
+@register_block
+class ARMConfig(BlockConfig):
+    """Attention Refinement Module (BiSeNet), https://arxiv.org/abs/1808.00897"""
+
+    type: Literal["arm"]
+
+    module = AttentionRefinement
+
+
+# --- ffm: Feature Fusion Module --------------------------------------------------------
+
+
+class FeatureFusion(nn.Module):
+    """BiSeNet's FFM: concatenate the inputs -> conv-BN-ReLU to ``out_channels`` ->
+    SE-like reweighting (GAP -> 1x1 -> ReLU -> 1x1 -> sigmoid) -> ``x + x * w``.
+
+    ``forward(*features)`` takes the spatial and the context features (any number of
+    maps whose channels sum to ``channels``); with one input it is a plain
+    channel-preserving block that can be inserted anywhere.
+    """
+
+    def __init__(self, channels: int, out_channels: int | None = None, reduction: float = 1,
+                 kernel_size: int = 1) -> None:
+        super().__init__()
+        out = out_channels or channels
+        hidden = max(1, int(out / reduction))
+        self.proj = ConvBNReLU(channels, out, kernel_size)
+        self.fc1 = nn.Conv2d(out, hidden, 1, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Conv2d(hidden, out, 1, bias=False)
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        x = self.proj(torch.cat(features, dim=1))
+        w = torch.sigmoid(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+        return x + x * w
+
+
+@register_block
+class FFMConfig(BlockConfig):
+    """Feature Fusion Module (BiSeNet), https://arxiv.org/abs/1808.00897"""
+
+    type: Literal["ffm"]
+    reduction: float = Field(1, gt=0, description="Reduction of the SE-like reweighting "
+                             "(1 in the authors' ResNet-18 code).")
+    kernel_size: int = Field(1, ge=1, description="Kernel of the fusing conv-BN-ReLU "
+                             "(1x1 in the authors' code).")
+
+    module = FeatureFusion
+
+    @field_validator("kernel_size")
+    @classmethod
+    def _odd(cls, k: int) -> int:
+        if k % 2 == 0:
+            raise ValueError(f"kernel_size must be odd to keep the map size, got {k}")
+        return k
+
+    def build(self, site: Site) -> nn.Module:
+        return FeatureFusion(site.channels, site.output_channels, **self.module_kwargs())
+
+
+# --- the network -----------------------------------------------------------------------
+
+
+class SegmentationHead(nn.Sequential):
+    """3x3 conv-BN-ReLU -> 1x1 conv to the classes (logits at the feature's stride)."""
+
+    def __init__(self, in_channels: int, mid_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.conv = ConvBNReLU(in_channels, mid_channels, 3)
+        self.classifier = nn.Conv2d(mid_channels, num_classes, 1)
+
+
+class SpatialPath(nn.Sequential):
+    """Three stride-2 conv-BN-ReLU (7x7, 3x3, 3x3; 1/8) and a 1x1 conv-BN-ReLU to
+    ``out_channels``, as in the authors' code."""
+
+    def __init__(self, in_chans: int = 3, width: int = 64, out_channels: int = 128) -> None:
+        super().__init__(
+            ConvBNReLU(in_chans, width, 7, stride=2),
+            ConvBNReLU(width, width, 3, stride=2),
+            ConvBNReLU(width, width, 3, stride=2),
+            ConvBNReLU(width, out_channels, 1),
+        )
+
+
+class BiSeNetV1(nn.Module):
+    """BiSeNet V1. ``forward`` returns logits (N, classes, H, W) at the input size; in
+    training mode it returns the tuple ``(logits, aux16, aux8)``: the main output and
+    the two auxiliary heads on the context path (after the 1/32 and 1/16 stages), all
+    at the input size, which the paper supervises with the same loss.
+    """
+
+    def __init__(self, num_classes: int = 19, backbone: str = "resnet18", in_chans: int = 3,
+                 context_channels: int = 128, spatial_channels: int = 128,
+                 fusion_channels: int = 256, arm: Any = None, ffm: Any = None,
+                 input_size: tuple[int, int, int] = (3, 1024, 2048)) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.spatial_path = SpatialPath(in_chans, 64, spatial_channels)
+        self.context_path = timm.create_model(backbone, pretrained=False, features_only=True,
+                                              out_indices=(3, 4), in_chans=in_chans)
+        c16, c32 = self.context_path.feature_info.channels()
+        cc = context_channels
+        self.global_context = ConvBNReLU(c32, cc, 1)
+        self.reduce32 = ConvBNReLU(c32, cc, 3)
+        self.reduce16 = ConvBNReLU(c16, cc, 3)
+        arm = arm if arm is not None else {"type": "arm"}
+        self.arm32 = build_arch_block(arm, "backbone.args.arm", Site(
+            channels=cc, size=feature_size(input_size, 32)))
+        self.arm16 = build_arch_block(arm, "backbone.args.arm", Site(
+            channels=cc, size=feature_size(input_size, 16)))
+        self.refine32 = ConvBNReLU(cc, cc, 3)
+        self.refine16 = ConvBNReLU(cc, cc, 3)
+        self.ffm = build_arch_block(
+            ffm if ffm is not None else {"type": "ffm"}, "backbone.args.ffm",
+            Site(channels=spatial_channels + cc, out_channels=fusion_channels,
+                 size=feature_size(input_size, 8)))
+        self.head = SegmentationHead(fusion_channels, 64, num_classes)
+        self.aux_head16 = SegmentationHead(cc, 256, num_classes)
+        self.aux_head8 = SegmentationHead(cc, 256, num_classes)
+        self.pretrained_cfg = {
+            "input_size": tuple(input_size), "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "num_classes": num_classes,
+            "first_conv": "context_path.conv1", "classifier": "head.classifier",
+        }
+
+    def forward(self, x: torch.Tensor):
+        size = x.shape[-2:]
+        spatial = self.spatial_path(x)
+        c16, c32 = self.context_path(x)
+        tail = self.global_context(c32.mean((2, 3), keepdim=True))
+        f32 = self.refine32(resize(self.arm32(self.reduce32(c32)) + tail, c16.shape[-2:]))
+        f16 = self.refine16(resize(self.arm16(self.reduce16(c16)) + f32, spatial.shape[-2:]))
+        logits = resize(self.head(self.ffm(spatial, f16)), size)
+        if not self.training:
+            return logits
+        return logits, resize(self.aux_head16(f32), size), resize(self.aux_head8(f16), size)
+
+
+@register_architecture("bisenetv1")
+def bisenetv1(num_classes: int = 19, backbone: str = "resnet18", in_chans: int = 3,
+              arm: dict[str, Any] | None = None, ffm: dict[str, Any] | None = None,
+              context_channels: int = 128) -> BiSeNetV1:
+    """BiSeNet V1 on a timm ResNet context path. ``arm`` / ``ffm``: block configs
+    (default ``{type: arm}`` / ``{type: ffm}``); ``num_classes`` 19 (Cityscapes)."""
+    if not timm.is_model(backbone):
+        raise SpecError(f"backbone.args.backbone: timm has no model {backbone!r}")
+    return BiSeNetV1(num_classes=num_classes, backbone=backbone, in_chans=in_chans,
+                     arm=arm, ffm=ffm, context_channels=context_channels)
