@@ -17,6 +17,7 @@ from .builder import build_model
 from .errors import AttnZooError, SpecError, WeightsError
 from .registry import block_configs, get_block_config
 from .spec import ModelSpec, format_validation_error
+from .timm_registry import register_zoo_with_timm
 from .zoo import list_models, load_spec
 
 __version__ = "0.1.0"
@@ -28,6 +29,9 @@ def create_model(
     num_classes: int | None = None,
     *,
     revision: str | None = None,
+    features_only: bool = False,
+    out_indices: Any = None,
+    feature_cls: Any = None,
     **backbone_args: Any,
 ) -> nn.Module:
     """Build a model from a zoo name, a YAML spec (path, text or dict), a ModelSpec,
@@ -40,6 +44,8 @@ def create_model(
             and checked against their sha256 before loading.
         num_classes: size of the classifier; the spec's (or backbone's) when None.
         revision: Hub revision for ``hf-hub:`` sources (or write ``@rev``).
+        features_only: return the feature maps instead of logits, wrapped as timm does
+            for the backbone (``out_indices``, ``feature_cls``: as in timm).
         **backbone_args: forwarded to the backbone factory (e.g. ``drop_path_rate``).
 
     Returns:
@@ -52,15 +58,25 @@ def create_model(
         from . import hub
 
         if hub.is_pretrained_source(str(model)):
-            return hub.create_from_source(str(model), revision=revision,
-                                          num_classes=num_classes, **backbone_args)
+            built = hub.create_from_source(str(model), revision=revision,
+                                           num_classes=num_classes, **backbone_args)
+            return _features(built, features_only, out_indices, feature_cls)
     spec = load_spec(model)
     built = build_model(spec, num_classes=num_classes, **backbone_args)
     if pretrained:
         from . import hub
 
         hub.load_zoo_weights(built, spec, pretrained)
-    return built
+    return _features(built, features_only, out_indices, feature_cls)
+
+
+def _features(model: nn.Module, features_only: bool, out_indices: Any, feature_cls: Any
+              ) -> nn.Module:
+    if not features_only:
+        return model
+    from .timm_registry import features_model
+
+    return features_model(model, out_indices=out_indices, feature_cls=feature_cls)
 
 
 def list_blocks() -> list[str]:
@@ -80,7 +96,11 @@ def create_block(type: str, channels: int, **cfg: Any) -> nn.Module:  # noqa: A0
         config = config_cls.model_validate({"type": type, **cfg})
     except ValidationError as exc:
         raise SpecError(format_validation_error(exc, f"block {type!r}")) from None
-    return config.build(Site(channels=channels, size=tuple(size) if size else None))
+    try:
+        return config.build(Site(channels=channels, size=tuple(size) if size else None))
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"block {type!r} cannot be built for {channels} channels"
+                        f"{f' at size {tuple(size)}' if size else ''}: {exc}") from None
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], **kwargs: Any):
@@ -101,3 +121,6 @@ __all__ = [
     "AttnZooError", "ModelSpec", "SpecError", "WeightsError", "__version__", "create_block",
     "create_model", "list_blocks", "list_models", "load_spec", "push_to_hub", "save_pretrained",
 ]
+
+# Every zoo spec becomes a timm model name (reads the spec files; builds nothing).
+register_zoo_with_timm()
