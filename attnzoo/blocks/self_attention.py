@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from ..registry import register_block
-from .base import BlockConfig
+from .base import BlockConfig, Site
 from .channel import reduced_channels
 
 
@@ -52,3 +53,441 @@ class GlobalContextConfig(BlockConfig):
 
     module = GlobalContext
     residual = True
+
+
+# --- shared helpers --------------------------------------------------------------------
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N, H*W, C): one row per position."""
+    return x.flatten(2).transpose(1, 2)
+
+
+def _feature_map(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, H*W, C) -> (N, C, H, W), the inverse of ``_tokens``."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
+
+
+def _zero_bn_(norm: nn.BatchNorm2d) -> None:
+    nn.init.zeros_(norm.weight)
+    nn.init.zeros_(norm.bias)
+
+
+# --- non_local: Non-local Neural Networks (Wang et al., 1711.07971) -------------------
+
+
+class NonLocal(nn.Module):
+    """Non-local block, embedded Gaussian form (1711.07971, eq. 1-3 and Fig. 2).
+
+    ``y_i = sum_j softmax_j(theta(x_i)^T phi(x_j)) g(x_j)`` and ``z = BN(W y) + x``.
+    theta, phi and g are 1x1 convs to ``C / reduction`` channels; ``subsample`` puts
+    a 2x2 max-pool after phi and g (the paper's subsampling trick, 4x fewer pairs).
+    W's BN starts with weight 0, so the block is the identity at construction.
+    The pairwise softmax runs in ``scaled_dot_product_attention``.
+    """
+
+    def __init__(self, channels: int, reduction: float = 2, subsample: bool = True,
+                 scaled: bool = False) -> None:
+        super().__init__()
+        inner = reduced_channels(channels, reduction)
+        self.theta = nn.Conv2d(channels, inner, 1)
+        self.phi = nn.Conv2d(channels, inner, 1)
+        self.g = nn.Conv2d(channels, inner, 1)
+        # ceil_mode keeps a 1-pixel map usable (tiny inputs); equal to floor on even sizes.
+        self.pool = nn.MaxPool2d(2, ceil_mode=True) if subsample else nn.Identity()
+        self.out_conv = nn.Conv2d(inner, channels, 1)
+        self.out_norm = nn.BatchNorm2d(channels)
+        self.scale = inner ** -0.5 if scaled else 1.0
+        self.reset_identity_()
+
+    def reset_identity_(self) -> None:
+        _zero_bn_(self.out_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        query = _tokens(self.theta(x)).unsqueeze(1)            # (N, 1, HW, C')
+        key = _tokens(self.pool(self.phi(x))).unsqueeze(1)     # (N, 1, HW', C')
+        value = _tokens(self.pool(self.g(x))).unsqueeze(1)
+        y = F.scaled_dot_product_attention(query, key, value, scale=self.scale)
+        y = _feature_map(y.squeeze(1), h, w)
+        return x + self.out_norm(self.out_conv(y))
+
+
+@register_block
+class NonLocalConfig(BlockConfig):
+    """Non-local block (embedded Gaussian), https://arxiv.org/abs/1711.07971"""
+
+    type: Literal["non_local"]
+    reduction: float = Field(2, gt=0, description="theta, phi and g map C to C / reduction "
+                             "channels (the paper's bottleneck: half of C).")
+    subsample: bool = Field(True, description="2x2 max-pool after phi and g (the paper's "
+                            "subsampling trick).")
+    scaled: bool = Field(False, description="Divide theta^T phi by sqrt(C / reduction), as "
+                         "the authors' released code does; the paper's formula has no scale.")
+
+    module = NonLocal
+    residual = True
+
+
+# --- disentangled_non_local: Disentangled Non-Local (Yin et al., 2006.06668) ----------
+
+
+class DisentangledNonLocal(nn.Module):
+    """Disentangled non-local block (2006.06668).
+
+    The attention splits into a whitened pairwise term,
+    ``softmax_j((q_i - mean q)^T (k_j - mean k) / tau)``, and a unary term,
+    ``softmax_j(m(x_j))`` with ``m`` a 1x1 conv to one channel; both weigh the same
+    values ``g(x_j)``, and their outputs add. ``tau`` is ``temperature`` (times
+    sqrt(C') when ``scaled``). The output goes through W (1x1 conv + BN, BN weight 0
+    at construction) and adds to the input, as in the non-local block.
+    """
+
+    def __init__(self, channels: int, reduction: float = 2, temperature: float = 0.05,
+                 scaled: bool = True, subsample: bool = False) -> None:
+        super().__init__()
+        inner = reduced_channels(channels, reduction)
+        self.theta = nn.Conv2d(channels, inner, 1)
+        self.phi = nn.Conv2d(channels, inner, 1)
+        self.g = nn.Conv2d(channels, inner, 1)
+        self.unary = nn.Conv2d(channels, 1, 1)
+        self.pool = nn.MaxPool2d(2, ceil_mode=True) if subsample else nn.Identity()
+        self.out_conv = nn.Conv2d(inner, channels, 1)
+        self.out_norm = nn.BatchNorm2d(channels)
+        self.scale = (inner ** -0.5 if scaled else 1.0) / temperature
+        self.reset_identity_()
+
+    def reset_identity_(self) -> None:
+        _zero_bn_(self.out_norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        query = _tokens(self.theta(x))                         # (N, HW, C')
+        key = _tokens(self.pool(self.phi(x)))                  # (N, HW', C')
+        value = _tokens(self.pool(self.g(x)))
+        query = query - query.mean(1, keepdim=True)            # whitening
+        key = key - key.mean(1, keepdim=True)
+        pairwise = F.scaled_dot_product_attention(
+            query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), scale=self.scale
+        ).squeeze(1)                                           # (N, HW, C')
+        unary_weights = self.pool(self.unary(x)).flatten(1).softmax(-1)   # (N, HW')
+        unary = torch.bmm(unary_weights.unsqueeze(1), value)  # (N, 1, C'), same for all i
+        y = _feature_map(pairwise + unary, h, w)
+        return x + self.out_norm(self.out_conv(y))
+
+
+@register_block
+class DisentangledNonLocalConfig(BlockConfig):
+    """Disentangled Non-Local block, https://arxiv.org/abs/2006.06668"""
+
+    type: Literal["disentangled_non_local"]
+    reduction: float = Field(2, gt=0, description="Query, key and value have C / reduction "
+                             "channels, as in the non-local block.")
+    temperature: float = Field(0.05, gt=0, description="Temperature of the pairwise softmax "
+                               "(the authors' 0.05).")
+    scaled: bool = Field(True, description="Also divide the pairwise logits by "
+                         "sqrt(C / reduction), as the authors' code does.")
+    subsample: bool = Field(False, description="2x2 max-pool on keys, values and unary "
+                            "logits (off in the authors' segmentation models).")
+
+    module = DisentangledNonLocal
+    residual = True
+
+
+# --- criss_cross: CCNet (Huang et al., 1811.11721) ------------------------------------
+
+
+class CrissCrossAttention(nn.Module):
+    """Recurrent criss-cross attention (CCNet, 1811.11721).
+
+    Each position attends to the H + W - 1 positions of its row and column (itself
+    once): query/key are 1x1 convs to ``C / reduction`` (C/8), value a 1x1 conv to C;
+    one softmax over the column and row logits together; ``out = gamma * A(x) + x``
+    with gamma 0 at construction. The module runs ``recurrence`` times (R = 2) with
+    shared weights, so information reaches every position.
+
+    Logits are computed per row and per column (einsum), so memory grows with
+    ``H*W*(H+W)``; no ``HW x HW`` matrix is ever formed.
+    """
+
+    def __init__(self, channels: int, reduction: float = 8, recurrence: int = 2) -> None:
+        super().__init__()
+        inner = reduced_channels(channels, reduction)
+        self.query = nn.Conv2d(channels, inner, 1)
+        self.key = nn.Conv2d(channels, inner, 1)
+        self.value = nn.Conv2d(channels, channels, 1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+        self.recurrence = recurrence
+
+    def reset_identity_(self) -> None:
+        nn.init.zeros_(self.gamma)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """One criss-cross pass: ``gamma * aggregate + x``."""
+        h, w = x.shape[-2:]
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        # Column logits: position (i, j) against (r, j) for every row r -> (N, H, W, H).
+        col = torch.einsum("ncij,ncrj->nijr", q, k)
+        # The position itself is in both its row and its column: count it in the row only.
+        itself = torch.eye(h, dtype=torch.bool, device=x.device).unsqueeze(1)  # (H, 1, H)
+        col = col.masked_fill(itself, float("-inf"))
+        # Row logits: position (i, j) against (i, s) for every column s -> (N, H, W, W).
+        row = torch.einsum("ncij,ncis->nijs", q, k)
+        attn = torch.cat([col, row], dim=-1).softmax(dim=-1)
+        col_attn, row_attn = attn.split([h, w], dim=-1)
+        out = (torch.einsum("nijr,ncrj->ncij", col_attn, v)
+               + torch.einsum("nijs,ncis->ncij", row_attn, v))
+        return self.gamma * out + x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(self.recurrence):
+            x = self.attend(x)
+        return x
+
+
+@register_block
+class CrissCrossConfig(BlockConfig):
+    """Criss-cross attention (CCNet), https://arxiv.org/abs/1811.11721"""
+
+    type: Literal["criss_cross"]
+    reduction: float = Field(8, gt=0, description="Query and key have C / reduction channels.")
+    recurrence: int = Field(2, ge=1, description="Passes R with shared weights (R = 2 "
+                            "reaches every position).")
+
+    module = CrissCrossAttention
+    residual = True
+
+
+# --- polarized: Polarized Self-Attention (Liu et al., 2107.00782) ---------------------
+
+
+class PolarizedSelfAttention(nn.Module):
+    """Polarized self-attention (2107.00782), eq. 1-5.
+
+    Channel-only branch: Wq (C->1) softmax over HW pools Wv (C->C/2) into one
+    C/2 vector; Wz (1x1 back to C), LayerNorm, sigmoid -> a weight per channel.
+    Spatial-only branch: Wq (C->C/2), global pooling, softmax over channels,
+    times Wv (C->C/2) at each position, sigmoid -> a weight per position.
+    ``parallel``: ``A_ch(x)*x + A_sp(x)*x``; ``sequential``: ``A_sp(y)*y`` with
+    ``y = A_ch(x)*x``. 1x1 convs have no bias, as in the authors' code.
+    """
+
+    def __init__(self, channels: int, layout: str = "parallel") -> None:
+        super().__init__()
+        if layout not in ("parallel", "sequential"):
+            raise ValueError(f"layout must be 'parallel' or 'sequential', got {layout!r}")
+        half = max(1, channels // 2)
+        self.layout = layout
+        self.channel_query = nn.Conv2d(channels, 1, 1, bias=False)
+        self.channel_value = nn.Conv2d(channels, half, 1, bias=False)
+        self.channel_up = nn.Conv2d(half, channels, 1, bias=False)
+        self.channel_norm = nn.LayerNorm(channels)
+        self.spatial_query = nn.Conv2d(channels, half, 1, bias=False)
+        self.spatial_value = nn.Conv2d(channels, half, 1, bias=False)
+
+    def channel_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """A_ch(x), shape (N, C, 1, 1)."""
+        weights = self.channel_query(x).flatten(2).softmax(-1)             # (N, 1, HW)
+        pooled = torch.bmm(self.channel_value(x).flatten(2), weights.transpose(1, 2))
+        z = self.channel_up(pooled.unsqueeze(-1)).flatten(1)                # (N, C)
+        return torch.sigmoid(self.channel_norm(z))[:, :, None, None]
+
+    def spatial_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """A_sp(x), shape (N, 1, H, W)."""
+        h, w = x.shape[-2:]
+        query = self.spatial_query(x).mean((2, 3)).softmax(-1).unsqueeze(1)  # (N, 1, C/2)
+        z = torch.bmm(query, self.spatial_value(x).flatten(2))               # (N, 1, HW)
+        return torch.sigmoid(z).reshape(-1, 1, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "parallel":
+            return x * self.channel_weights(x) + x * self.spatial_weights(x)
+        y = x * self.channel_weights(x)
+        return y * self.spatial_weights(y)
+
+
+@register_block
+class PolarizedConfig(BlockConfig):
+    """Polarized Self-Attention, https://arxiv.org/abs/2107.00782"""
+
+    type: Literal["polarized"]
+    layout: Literal["parallel", "sequential"] = Field(
+        "parallel", description="Sum the channel-only and spatial-only branches (PSA_p), or "
+        "apply them one after the other (PSA_s).")
+
+    module = PolarizedSelfAttention
+
+
+# --- outlook: Outlook attention (VOLO, Yuan et al., 2106.13112) -----------------------
+
+
+class OutlookAttention(nn.Module):
+    """Outlook attention (VOLO, 2106.13112, Alg. 1).
+
+    For each (strided) centre, a linear layer predicts, per head, the K^2 x K^2
+    weights of its KxK window from the centre's features (the input average-pooled
+    by ``stride``); the weights (scaled by head_dim^-1/2, softmax) mix the window's
+    values (``unfold``), and overlapping windows are summed back (``fold``). Then a
+    linear projection. Input and output are NCHW, or NHWC with ``channels_last``
+    (how VOLO's outlookers hold their tokens). The linear layers are ``nn.Linear``,
+    applied as 1x1 convolutions, so timm's VOLO weights load as they are.
+    """
+
+    def __init__(self, channels: int, num_heads: int = 6, kernel_size: int = 3,
+                 padding: int = 1, stride: int = 2, qkv_bias: bool = False,
+                 channels_last: bool = False) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels ({channels}) must be divisible by num_heads "
+                             f"({num_heads})")
+        self.num_heads = num_heads
+        self.kernel_size = kernel_size
+        self.padding = padding
+        self.stride = stride
+        self.channels_last = channels_last
+        self.scale = (channels // num_heads) ** -0.5
+        self.v = nn.Linear(channels, channels, bias=qkv_bias)
+        self.attn = nn.Linear(channels, kernel_size ** 4 * num_heads)
+        self.proj = nn.Linear(channels, channels)
+
+    @staticmethod
+    def _pointwise(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+        """``linear`` on the channels of an NCHW map (a 1x1 convolution)."""
+        return F.conv2d(x, linear.weight[:, :, None, None], linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        n, c, h, w = x.shape
+        heads, kk = self.num_heads, self.kernel_size ** 2
+        value = F.unfold(self._pointwise(x, self.v), self.kernel_size,
+                         padding=self.padding, stride=self.stride)   # (N, C*kk, L)
+        windows = value.shape[-1]
+        value = value.reshape(n, heads, c // heads, kk, windows).permute(0, 1, 4, 3, 2)
+        centres = F.avg_pool2d(x, self.stride, self.stride, ceil_mode=True)
+        attn = self._pointwise(centres, self.attn).flatten(2)         # (N, heads*kk*kk, L)
+        attn = attn.reshape(n, heads, kk, kk, windows).permute(0, 1, 4, 2, 3)
+        attn = (attn * self.scale).softmax(dim=-1)                    # (N, heads, L, kk, kk)
+        out = (attn @ value).permute(0, 1, 4, 3, 2).reshape(n, c * kk, windows)
+        out = F.fold(out, (h, w), self.kernel_size, padding=self.padding, stride=self.stride)
+        out = self._pointwise(out, self.proj)
+        return out.permute(0, 2, 3, 1) if self.channels_last else out
+
+
+@register_block
+class OutlookConfig(BlockConfig):
+    """Outlook attention (VOLO), https://arxiv.org/abs/2106.13112"""
+
+    type: Literal["outlook"]
+    num_heads: int = Field(6, ge=1, description="Heads (VOLO-D1's first stage: 6).")
+    kernel_size: int = Field(3, ge=1, description="Side K of the local window.")
+    padding: int = Field(1, ge=0, description="Padding of unfold/fold.")
+    stride: int = Field(2, ge=1, description="Stride of the window centres (VOLO: 2).")
+    qkv_bias: bool = Field(False, description="Bias in the value projection.")
+    channels_last: bool = Field(
+        False, description="The block's input and output are NHWC (as inside VOLO's "
+        "outlookers) instead of NCHW.")
+
+    module = OutlookAttention
+
+    def build(self, site: Site) -> nn.Module:
+        channels = site.channels
+        if self.channels_last and site.replaced is not None and site.size:
+            # The builder's shape probe reads 4-D tensors as NCHW; NHWC puts C last.
+            channels = site.size[-1]
+        return self.module(channels=channels, **self.module_kwargs())
+
+
+# --- mhsa2d: multi-head self-attention over a map (BoTNet, Srinivas et al., 2101.11605)
+
+
+def _relative_table(table: torch.Tensor, length: int) -> torch.Tensor:
+    """The (length, length, d) embeddings ``table[r - q + length - 1]`` of query q and
+    key r; a table learnt at another size is linearly resized to ``2*length - 1`` rows."""
+    if table.shape[0] != 2 * length - 1:
+        table = F.interpolate(table.t().unsqueeze(0), size=2 * length - 1, mode="linear",
+                              align_corners=True).squeeze(0).t()
+    pos = torch.arange(length, device=table.device)
+    return table[pos.unsqueeze(0) - pos.unsqueeze(1) + length - 1]
+
+
+class MultiHeadSelfAttention2d(nn.Module):
+    """All-to-all multi-head self-attention over an (H, W) map with 2-D relative
+    position logits: BoTNet's MHSA (2101.11605, Fig. 4).
+
+    q, k, v come from one 1x1 conv (no bias); the logits are
+    ``q k^T / sqrt(d) + q r^T`` with ``r`` the relative embeddings of the key's row
+    offset and column offset (learnt tables of ``2H-1`` and ``2W-1`` rows, made for
+    ``size``); softmax; the values of the heads are concatenated. With ``stride`` 2 a
+    2x2 average pool follows (BoTNet's first block of the last stage). Attention runs in
+    ``scaled_dot_product_attention`` with the position logits as an additive mask.
+    """
+
+    def __init__(self, channels: int, size: tuple[int, int], out_channels: int | None = None,
+                 stride: int = 1, num_heads: int = 4, dim_head: int | None = None,
+                 qkv_bias: bool = False) -> None:
+        super().__init__()
+        out_channels = out_channels or channels
+        if out_channels % num_heads:
+            raise ValueError(f"out channels ({out_channels}) must be divisible by num_heads "
+                             f"({num_heads})")
+        if stride not in (1, 2):
+            raise ValueError(f"stride must be 1 or 2 (2x2 average pool), got {stride}")
+        self.num_heads = num_heads
+        self.dim_head = dim_head or out_channels // num_heads
+        self.dim_value = out_channels // num_heads
+        self.size = tuple(size)
+        self.qkv = nn.Conv2d(channels, num_heads * (2 * self.dim_head + self.dim_value), 1,
+                             bias=qkv_bias)
+        self.height_rel = nn.Parameter(torch.empty(2 * self.size[0] - 1, self.dim_head))
+        self.width_rel = nn.Parameter(torch.empty(2 * self.size[1] - 1, self.dim_head))
+        self.pool = nn.AvgPool2d(2, 2) if stride == 2 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.qkv.weight, std=self.qkv.in_channels ** -0.5)
+        nn.init.trunc_normal_(self.height_rel, std=self.dim_head ** -0.5)
+        nn.init.trunc_normal_(self.width_rel, std=self.dim_head ** -0.5)
+
+    def position_logits(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``q r^T`` for queries q (N, heads, H*W, d): (N, heads, H*W, H*W)."""
+        q = q.reshape(*q.shape[:2], h, w, -1)
+        rows = torch.einsum("nhxyd,xrd->nhxyr", q, _relative_table(self.height_rel, h))
+        cols = torch.einsum("nhxyd,ysd->nhxys", q, _relative_table(self.width_rel, w))
+        logits = rows.unsqueeze(-1) + cols.unsqueeze(-2)                # (N, h, H, W, H, W)
+        return logits.reshape(q.shape[0], q.shape[1], h * w, h * w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        heads = self.num_heads
+        q, k, v = self.qkv(x).split(
+            [heads * self.dim_head, heads * self.dim_head, heads * self.dim_value], dim=1)
+        q = q.reshape(n, heads, self.dim_head, h * w).transpose(-1, -2)
+        k = k.reshape(n, heads, self.dim_head, h * w).transpose(-1, -2)
+        v = v.reshape(n, heads, self.dim_value, h * w).transpose(-1, -2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.position_logits(q, h, w),
+                                             scale=self.dim_head ** -0.5)
+        out = out.transpose(-1, -2).reshape(n, heads * self.dim_value, h, w)
+        return self.pool(out)
+
+
+@register_block
+class MHSA2dConfig(BlockConfig):
+    """Multi-head self-attention with 2-D relative positions (BoTNet),
+    https://arxiv.org/abs/2101.11605"""
+
+    type: Literal["mhsa2d"]
+    num_heads: int = Field(4, ge=1, description="Attention heads (BoTNet: 4).")
+    dim_head: int | None = Field(None, ge=1, description="Query/key width per head; "
+                                 "out_channels / num_heads when unset.")
+    qkv_bias: bool = Field(False, description="Bias in the q, k, v projection.")
+
+    module = MultiHeadSelfAttention2d
+
+    def build(self, site: Site) -> nn.Module:
+        if site.size is None or len(site.size) != 2:
+            raise ValueError("mhsa2d needs the (H, W) size of its input for its relative "
+                             "position tables (create_block(..., size=(H, W)))")
+        return self.module(channels=site.channels, size=site.size,
+                           out_channels=site.output_channels, stride=site.stride,
+                           **self.module_kwargs())

@@ -149,3 +149,54 @@ class ReverseConfig(BlockConfig):
     @classmethod
     def _odd(cls, k: int) -> int:
         return _odd_kernel(k)
+
+
+# --- double_attention: A^2-Nets (Chen et al., 1810.11579) ------------------------------
+
+
+class DoubleAttention(nn.Module):
+    """Double attention block (A^2-Nets, 1810.11579, eq. 4-7 and Fig. 2).
+
+    Gather: ``n`` attention maps B (1x1 conv, softmax over the H*W positions) pool the
+    ``m`` features A (1x1 conv) into ``n`` global descriptors, ``G = A softmax(B)^T``
+    (second-order attention pooling, m x n). Distribute: at every position, attention
+    vectors V (1x1 conv, softmax over the ``n`` descriptors) mix the descriptors,
+    ``Z = G softmax(V)``. A 1x1 conv maps Z back to C channels and adds it to the input.
+    ``m`` and ``n`` default to C/2. ``reset_identity_`` zeroes the last conv.
+    """
+
+    def __init__(self, channels: int, c_m: int | None = None, c_n: int | None = None) -> None:
+        super().__init__()
+        c_m = c_m or max(1, channels // 2)
+        c_n = c_n or max(1, channels // 2)
+        self.features = nn.Conv2d(channels, c_m, 1)         # A
+        self.gather_maps = nn.Conv2d(channels, c_n, 1)      # B
+        self.distribute_maps = nn.Conv2d(channels, c_n, 1)  # V
+        self.reconstruct = nn.Conv2d(c_m, channels, 1)
+
+    def reset_identity_(self) -> None:
+        nn.init.zeros_(self.reconstruct.weight)
+        nn.init.zeros_(self.reconstruct.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        features = self.features(x).flatten(2)                           # (N, m, HW)
+        gather = self.gather_maps(x).flatten(2).softmax(dim=-1)          # (N, n, HW)
+        distribute = self.distribute_maps(x).flatten(2).softmax(dim=1)   # (N, n, HW)
+        descriptors = torch.bmm(features, gather.transpose(1, 2))        # (N, m, n)
+        z = torch.bmm(descriptors, distribute).reshape(n, -1, h, w)      # (N, m, H, W)
+        return x + self.reconstruct(z)
+
+
+@register_block
+class DoubleAttentionConfig(BlockConfig):
+    """Double attention (A^2-Nets), https://arxiv.org/abs/1810.11579"""
+
+    type: Literal["double_attention"]
+    c_m: int | None = Field(None, ge=1, description="Channels m of the gathered features "
+                            "(C/2 when unset).")
+    c_n: int | None = Field(None, ge=1, description="Number n of attention maps / global "
+                            "descriptors (C/2 when unset).")
+
+    module = DoubleAttention
+    residual = True

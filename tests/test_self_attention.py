@@ -1,0 +1,322 @@
+"""Self-attention blocks (issue 6): Non-Local, DNL, CCNet, PSA, outlook, A^2, MHSA.
+
+Each block is checked against its paper's formula written out here with an explicit
+affinity matrix (or against the timm module that implements the same thing, given the
+same weights), and the zoo specs that use them build, train and start as their backbone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.layers.bottleneck_attn import BottleneckAttn
+from timm.models.volo import OutlookAttention as TimmOutlookAttention
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import attnzoo
+from attnzoo import SpecError
+
+RESIDUAL_BLOCKS = ["non_local", "disentangled_non_local", "criss_cross", "double_attention"]
+ALL_BLOCKS = [*RESIDUAL_BLOCKS, "polarized", "outlook", "mhsa2d"]
+
+
+def block(name: str, channels: int = 48, size=(6, 5), **cfg) -> torch.nn.Module:
+    if name == "mhsa2d":
+        cfg.setdefault("size", size)
+    return attnzoo.create_block(name, channels, **cfg)
+
+
+def randomize_(module: torch.nn.Module) -> torch.nn.Module:
+    """Give every parameter and BN statistic a random non-trivial value, so that zeroed
+    gammas and BN weights do not hide the attention path."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 1.5)
+    return module.eval()
+
+
+def conv1x1(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
+    """A 1x1 conv on (N, C, P) positions, written as a matrix product."""
+    out = torch.einsum("oc,ncp->nop", conv.weight.flatten(1), x)
+    return out if conv.bias is None else out + conv.bias[:, None]
+
+
+def bn_eval(x: torch.Tensor, bn: torch.nn.BatchNorm2d) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return ((x - bn.running_mean.view(shape)) / torch.sqrt(bn.running_var.view(shape) + bn.eps)
+            * bn.weight.view(shape) + bn.bias.view(shape))
+
+
+def maxpool2x2(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(N, C, H*W) at even H, W -> (N, C, H*W/4): max over each 2x2 cell."""
+    n, c, _ = x.shape
+    cells = x.reshape(n, c, h // 2, 2, w // 2, 2)
+    return cells.amax(dim=(3, 5)).reshape(n, c, -1)
+
+
+# --- Non-Local --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subsample", [False, True])
+def test_non_local_equals_embedded_gaussian_formula(subsample):
+    nl = randomize_(block("non_local", 16, subsample=subsample))
+    x = torch.randn(2, 16, 6, 4)
+    flat = x.flatten(2)
+    theta, phi, g = (conv1x1(flat, m) for m in (nl.theta, nl.phi, nl.g))
+    if subsample:
+        phi, g = maxpool2x2(phi, 6, 4), maxpool2x2(g, 6, 4)
+    f = torch.exp(torch.einsum("nci,ncj->nij", theta, phi))     # e^(theta_i^T phi_j)
+    y = torch.einsum("nij,ncj->nci", f / f.sum(-1, keepdim=True), g)
+    z = bn_eval(conv1x1(y, nl.out_conv), nl.out_norm) + flat
+    torch.testing.assert_close(nl(x), z.view_as(x), atol=1e-4, rtol=1e-4)
+    assert nl.theta.out_channels == 8  # C/2
+
+
+def test_non_local_scaled_divides_by_sqrt_of_inner_width():
+    nl = randomize_(block("non_local", 16, subsample=False, scaled=True))
+    x = torch.randn(1, 16, 3, 5)
+    flat = x.flatten(2)
+    theta, phi, g = (conv1x1(flat, m) for m in (nl.theta, nl.phi, nl.g))
+    a = (torch.einsum("nci,ncj->nij", theta, phi) / 8 ** 0.5).softmax(-1)
+    z = bn_eval(conv1x1(torch.einsum("nij,ncj->nci", a, g), nl.out_conv), nl.out_norm) + flat
+    torch.testing.assert_close(nl(x), z.view_as(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["non_local", "mhsa2d"])
+def test_uses_scaled_dot_product_attention(name, monkeypatch):
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting)
+    block(name, 16, size=(4, 4))(torch.randn(1, 16, 4, 4))
+    assert len(calls) == 1
+
+
+# --- Disentangled Non-Local -------------------------------------------------------------
+
+
+def test_disentangled_non_local_equals_whitened_pairwise_plus_unary():
+    dnl = randomize_(block("disentangled_non_local", 16))
+    x = torch.randn(2, 16, 5, 4)
+    flat = x.flatten(2)
+    q, k, v = (conv1x1(flat, m) for m in (dnl.theta, dnl.phi, dnl.g))
+    q = q - q.mean(-1, keepdim=True)
+    k = k - k.mean(-1, keepdim=True)
+    tau = 0.05 * 8 ** 0.5
+    pairwise = (torch.einsum("nci,ncj->nij", q, k) / tau).softmax(-1)
+    unary = conv1x1(flat, dnl.unary).softmax(-1)                # (N, 1, HW): over positions j
+    y = torch.einsum("nij,ncj->nci", pairwise + unary, v)       # same values for both terms
+    z = bn_eval(conv1x1(y, dnl.out_conv), dnl.out_norm) + flat
+    torch.testing.assert_close(dnl(x), z.view_as(x), atol=1e-4, rtol=1e-4)
+
+
+# --- Criss-cross ------------------------------------------------------------------------
+
+
+def criss_cross_reference(cca, x: torch.Tensor) -> torch.Tensor:
+    """One pass as a full HW x HW softmax, masked to each position's row and column."""
+    n, c, h, w = x.shape
+    flat = x.flatten(2)
+    q, k, v = (conv1x1(flat, m) for m in (cca.query, cca.key, cca.value))
+    rows = torch.arange(h).repeat_interleave(w)
+    cols = torch.arange(w).repeat(h)
+    allowed = (rows[:, None] == rows[None, :]) | (cols[:, None] == cols[None, :])
+    assert (allowed.sum(1) == h + w - 1).all()          # the position itself counted once
+    logits = torch.einsum("nci,ncj->nij", q, k).masked_fill(~allowed, float("-inf"))
+    out = torch.einsum("nij,ncj->nci", logits.softmax(-1), v)
+    return (cca.gamma * out + flat).view(n, c, h, w)
+
+
+def test_criss_cross_equals_attention_over_row_and_column():
+    cca = randomize_(block("criss_cross", 16))
+    assert cca.query.out_channels == 2 and cca.value.out_channels == 16   # C/8 and C
+    x = torch.randn(2, 16, 5, 7)
+    expected = criss_cross_reference(cca, criss_cross_reference(cca, x))   # R = 2, shared
+    torch.testing.assert_close(cca(x), expected, atol=1e-4, rtol=1e-4)
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple | list) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_criss_cross_never_materialises_an_hw_by_hw_matrix():
+    h = w = 24
+    cca = block("criss_cross", 8)
+    x = torch.randn(1, 8, h, w, requires_grad=True)
+    with _LargestTensor() as probe:
+        cca(x).sum().backward()
+    assert probe.largest <= h * w * (h + w)   # the row+column logits
+    assert probe.largest < (h * w) ** 2 / 10
+
+
+# --- Polarized self-attention -----------------------------------------------------------
+
+
+def psa_weights(psa, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A_ch, A_sp) from eq. 2 and eq. 3 of the PSA paper."""
+    n, c, h, w = x.shape
+    flat = x.flatten(2)
+    q = conv1x1(flat, psa.channel_query).softmax(-1)                   # (N, 1, HW)
+    z = torch.einsum("ncp,nop->nc", conv1x1(flat, psa.channel_value), q)
+    z = z @ psa.channel_up.weight.flatten(1).T                         # (N, C)
+    a_ch = torch.sigmoid(F.layer_norm(z, (c,), psa.channel_norm.weight, psa.channel_norm.bias))
+    q_sp = conv1x1(flat, psa.spatial_query).mean(-1).softmax(-1)       # (N, C/2)
+    a_sp = torch.sigmoid(torch.einsum("nc,ncp->np", q_sp, conv1x1(flat, psa.spatial_value)))
+    return a_ch.view(n, c, 1, 1), a_sp.view(n, 1, h, w)
+
+
+def test_polarized_parallel_and_sequential_equal_the_paper():
+    x = torch.randn(2, 16, 5, 6)
+    p = randomize_(block("polarized", 16))
+    a_ch, a_sp = psa_weights(p, x)
+    torch.testing.assert_close(p(x), a_ch * x + a_sp * x, atol=1e-5, rtol=1e-5)
+    s = randomize_(block("polarized", 16, layout="sequential"))
+    a_ch, _ = psa_weights(s, x)
+    y = a_ch * x
+    _, a_sp = psa_weights(s, y)
+    torch.testing.assert_close(s(x), a_sp * y, atol=1e-5, rtol=1e-5)
+
+
+def test_polarized_rejects_unknown_layout():
+    with pytest.raises(SpecError, match="layout"):
+        block("polarized", 16, layout="diagonal")
+
+
+# --- Outlook attention ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("stride", "size"), [(1, (6, 6)), (2, (8, 8)), (2, (7, 9))])
+def test_outlook_equals_timm_given_the_same_weights(stride, size):
+    ours = block("outlook", 48, num_heads=3, stride=stride).eval()
+    peer = TimmOutlookAttention(48, num_heads=3, kernel_size=3, padding=1, stride=stride).eval()
+    peer.load_state_dict(ours.state_dict(), strict=True)    # same names and shapes
+    x = torch.randn(2, 48, *size)
+    expected = peer(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)       # timm is NHWC
+    torch.testing.assert_close(ours(x), expected, atol=1e-5, rtol=1e-5)
+    nhwc = block("outlook", 48, num_heads=3, stride=stride, channels_last=True).eval()
+    nhwc.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(nhwc(x.permute(0, 2, 3, 1)), expected.permute(0, 2, 3, 1),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_outlook_rejects_heads_that_do_not_divide_channels():
+    with pytest.raises(SpecError, match="divisible"):
+        block("outlook", 50, num_heads=6)
+
+
+# --- MHSA (BoTNet) ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_mhsa2d_equals_timm_bottleneck_attention(stride):
+    from attnzoo.blocks.self_attention import MultiHeadSelfAttention2d
+
+    ours = MultiHeadSelfAttention2d(32, (6, 4), out_channels=64, stride=stride).eval()
+    peer = BottleneckAttn(32, 64, feat_size=(6, 4), stride=stride, num_heads=4).eval()
+    sd = ours.state_dict()
+    peer.load_state_dict({"qkv.weight": sd["qkv.weight"],
+                          "pos_embed.height_rel": sd["height_rel"],
+                          "pos_embed.width_rel": sd["width_rel"]})
+    x = torch.randn(2, 32, 6, 4)
+    out = ours(x)
+    assert out.shape == (2, 64, 6 // stride, 4 // stride)
+    torch.testing.assert_close(out, peer(x), atol=1e-5, rtol=1e-5)
+
+
+def test_mhsa2d_position_logits_follow_relative_offsets():
+    mhsa = block("mhsa2d", 8, size=(3, 4), num_heads=1)
+    h, w = 3, 4
+    q = torch.randn(1, 1, h * w, 8)
+    logits = mhsa.position_logits(q, h, w)[0, 0]
+    for i in range(h * w):
+        for j in range(h * w):
+            (qx, qy), (kx, ky) = divmod(i, w), divmod(j, w)
+            r = mhsa.height_rel[kx - qx + h - 1] + mhsa.width_rel[ky - qy + w - 1]
+            torch.testing.assert_close(logits[i, j], q[0, 0, i] @ r)
+
+
+def test_mhsa2d_runs_at_another_size_and_needs_a_size():
+    mhsa = block("mhsa2d", 16, size=(8, 8))
+    assert mhsa(torch.randn(1, 16, 4, 6)).shape == (1, 16, 4, 6)
+    with pytest.raises(SpecError, match="size"):
+        attnzoo.create_block("mhsa2d", 16)
+
+
+# --- A^2 (double attention) -------------------------------------------------------------
+
+
+def test_double_attention_equals_gather_and_distribute():
+    a2 = randomize_(block("double_attention", 16))
+    x = torch.randn(2, 16, 5, 3)
+    flat = x.flatten(2)
+    a = conv1x1(flat, a2.features)                                    # (N, m, HW)
+    b = conv1x1(flat, a2.gather_maps).softmax(-1)                      # over positions
+    v = conv1x1(flat, a2.distribute_maps).softmax(1)                  # over descriptors
+    g = torch.einsum("nmp,nkp->nmk", a, b)                            # G = A softmax(B)^T
+    z = torch.einsum("nmk,nkp->nmp", g, v)
+    expected = flat + conv1x1(z, a2.reconstruct)
+    torch.testing.assert_close(a2(x), expected.view_as(x), atol=1e-5, rtol=1e-5)
+    assert a2.features.out_channels == 8 and a2.gather_maps.out_channels == 8
+
+
+# --- properties every block shares ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", RESIDUAL_BLOCKS)
+def test_residual_blocks_reset_to_the_identity(name):
+    m = randomize_(block(name, 16)).train()
+    x = torch.randn(2, 16, 6, 6)
+    assert not torch.allclose(m(x), x)
+    m.reset_identity_()
+    torch.testing.assert_close(m(x), x)
+    assert attnzoo.registry.get_block_config(name).residual
+
+
+@pytest.mark.parametrize("name", ["non_local", "disentangled_non_local", "criss_cross"])
+def test_papers_that_say_so_start_as_the_identity(name):
+    m = block(name, 16).train()
+    x = torch.randn(2, 16, 6, 6)
+    torch.testing.assert_close(m(x), x)
+
+
+@pytest.mark.parametrize("name", ALL_BLOCKS)
+def test_blocks_export_and_compile_without_graph_breaks(name):
+    m = block(name, 24, size=(6, 6)).eval()
+    x = torch.randn(1, 24, 6, 6)
+    exported = torch.export.export(m, (x,))
+    torch.testing.assert_close(exported.module()(x), m(x))
+    compiled = torch.compile(m, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), m(x))
+
+
+@pytest.mark.parametrize("name", ALL_BLOCKS)
+def test_blocks_train(name):
+    m = block(name, 24, size=(6, 6)).train()
+    with torch.no_grad():  # leave the zero-init state, so every weight gets a gradient
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.normal_(std=0.2)
+    x = torch.randn(2, 24, 6, 6, requires_grad=True)
+    m(x).square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None for p in m.parameters())
