@@ -1,0 +1,62 @@
+"""Spatial Transformer: identity at init, the affine theta means what the paper says,
+and the zoo spec puts it in front of timm's resnet18 at any input size >= 32."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import attnzoo
+from attnzoo.blocks.spatial import SpatialTransformer
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 32, 32), (1, 5, 45, 71)])
+def test_stn_at_init_leaves_its_input_unchanged(shape):
+    stn = attnzoo.create_block("stn", shape[1])
+    x = torch.randn(shape)
+    torch.testing.assert_close(stn(x), x, atol=1e-4, rtol=1e-4)
+
+
+def test_theta_is_an_affine_map_of_normalised_coordinates():
+    stn = attnzoo.create_block("stn", 3)
+    x = torch.randn(1, 3, 16, 24)
+    with torch.no_grad():
+        stn.theta.bias.copy_(torch.tensor([-1.0, 0, 0, 0, 1, 0]))   # mirror x
+    torch.testing.assert_close(stn(x), x.flip(-1), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        stn.theta.bias.copy_(torch.tensor([1.0, 0, 0, 0, -1, 0]))   # mirror y
+    torch.testing.assert_close(stn(x), x.flip(-2), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():                                          # shift by one column
+        stn.theta.bias.copy_(torch.tensor([1.0, 0, 2 / 24, 0, 1, 0]))
+    out = stn(x)
+    torch.testing.assert_close(out[..., :-1], x[..., 1:], atol=1e-4, rtol=1e-4)
+    assert out[..., -1].abs().max() < 1e-4                          # zeros outside
+
+
+def test_zoo_spec_puts_the_transformer_before_conv1_and_starts_as_plain_resnet18():
+    model = attnzoo.create_model("stn_resnet18").eval()
+    (block,) = model.attnzoo_blocks
+    assert (block.site, block.position, block.channels) == ("conv1", "before", 3)
+    assert isinstance(model.conv1.attnzoo_before, SpatialTransformer)
+    peer = timm.create_model("resnet18").eval()
+    state = {k: v for k, v in model.state_dict().items() if "attnzoo_before" not in k}
+    peer.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model(x), peer(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (64, 64), (37, 90)])
+def test_zoo_spec_trains_at_any_input_size_from_32(size):
+    model = attnzoo.create_model("stn_resnet18", num_classes=10)
+    out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 10)
+    out.square().mean().backward()
+    assert model.conv1.attnzoo_before.theta.weight.grad.abs().sum() > 0
+
+
+def test_stn_exports():
+    stn = attnzoo.create_block("stn", 3).eval()
+    x = torch.randn(1, 3, 40, 40)
+    exported = torch.export.export(stn, (x,))
+    torch.testing.assert_close(exported.module()(x), stn(x))
