@@ -248,6 +248,16 @@ def test_blocks_torch_export_matches_eager(block):
     torch.testing.assert_close(exported.module()(x), module(x))
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("block", ["sk", "gct", "gsop", "fca"])
+def test_blocks_compile_as_one_graph(block):
+    cfg = {"size": (8, 8)} if block == "fca" else {}
+    module = attnzoo.create_block(block, 64, **cfg).eval()
+    x = torch.randn(2, 64, 8, 8)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), module(x))
+
+
 # --- zoo specs ---------------------------------------------------------------------------
 
 # name -> (inserted blocks, paper's parameter count in millions or None, tolerance)
