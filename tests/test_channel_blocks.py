@@ -292,6 +292,11 @@ def test_gct_model_starts_equal_to_its_backbone():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain(x))
+    convs = [m for m in plain.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(model.attnzoo_blocks) == len(convs)  # one GCT before every conv ...
+    added = sum(p.numel() for p in model.parameters()) - sum(
+        p.numel() for p in plain.parameters())
+    assert added == sum(3 * c.in_channels for c in convs)  # ... with alpha, gamma, beta
     paths = {b.site for b in model.attnzoo_blocks}
     assert {"conv1", "layer1.0.conv2", "layer1.0.downsample.0", "layer4.2.conv3"} <= paths
 
