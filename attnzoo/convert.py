@@ -53,6 +53,9 @@ TIMM_EQUIVALENTS: dict[str, TimmEquivalent] = {
     "resnet50_se": TimmEquivalent(
         "seresnet50", renames=[(r"^(layer\d+\.\d+)\.se\.", r"\1.bn3.attnzoo_after.")]
     ),
+    # VOLO-D1: attnzoo's `outlook` replaces timm's OutlookAttention at the same path and
+    # keeps its parameter names (v, attn, proj), so the keys need no rename.
+    "volo_d1": TimmEquivalent("volo_d1_224"),
 }
 
 

@@ -8,6 +8,7 @@ same weights), and the zoo specs that use them build, train and start as their b
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from timm.layers.bottleneck_attn import BottleneckAttn
@@ -16,6 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
 from attnzoo import SpecError
+from attnzoo.blocks.self_attention import MultiHeadSelfAttention2d, OutlookAttention
+from attnzoo.convert import from_timm
 
 RESIDUAL_BLOCKS = ["non_local", "disentangled_non_local", "criss_cross", "double_attention"]
 ALL_BLOCKS = [*RESIDUAL_BLOCKS, "polarized", "outlook", "mhsa2d"]
@@ -229,8 +232,6 @@ def test_outlook_rejects_heads_that_do_not_divide_channels():
 
 @pytest.mark.parametrize("stride", [1, 2])
 def test_mhsa2d_equals_timm_bottleneck_attention(stride):
-    from attnzoo.blocks.self_attention import MultiHeadSelfAttention2d
-
     ours = MultiHeadSelfAttention2d(32, (6, 4), out_channels=64, stride=stride).eval()
     peer = BottleneckAttn(32, 64, feat_size=(6, 4), stride=stride, num_heads=4).eval()
     sd = ours.state_dict()
@@ -320,3 +321,112 @@ def test_blocks_train(name):
     m(x).square().mean().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
     assert all(p.grad is not None for p in m.parameters())
+
+
+# --- zoo specs --------------------------------------------------------------------------
+
+# name -> (inserted blocks, parameters the paper reports in millions, tolerance in millions);
+# None where the paper gives no ImageNet figure for this model: the count is then pinned to
+# the blocks' formulas in EXACT.
+ZOO = {
+    "resnet50_nl": (5, None, None),
+    "resnet50_dnl": (5, None, None),
+    "resnet50_cca": (5, None, None),
+    "resnet50_psa_p": (16, None, None),
+    "resnet50_psa_s": (16, None, None),
+    "resnet50_a2": (5, None, None),
+    "resnet50_mhsa": (3, 20.8, 0.2),    # BoTNet: BoT50 has 20.8M parameters
+    "volo_d1": (4, 27.0, 0.5),          # VOLO, Table 2: D1 has 27M (rounded to 1M)
+}
+# Exact parameter counts of the built models, from the blocks' formulas.
+EXACT = {
+    "resnet50_nl": 25_557_032 + 2 * (4 * 512 * 256 + 3 * 256 + 512 + 2 * 512)
+    + 3 * (4 * 1024 * 512 + 3 * 512 + 1024 + 2 * 1024),
+    "resnet50_cca": 25_557_032 + 2 * (2 * (512 * 64 + 64) + 512 * 512 + 512 + 1)
+    + 3 * (2 * (1024 * 128 + 128) + 1024 * 1024 + 1024 + 1),
+    # per bottleneck of width C: C + 4 * C * C/2 + 2C (LayerNorm)
+    # per block: A, B, V (C -> C/2) and the reconstruction (C/2 -> C), with biases
+    "resnet50_a2": 25_557_032 + sum(n * (4 * c * (c // 2) + 3 * (c // 2) + c)
+                                    for n, c in ((2, 512), (3, 1024))),
+    "resnet50_psa_p": 25_557_032 + sum(n * (4 * c * (c // 2) + 3 * c)
+                                       for n, c in ((3, 64), (4, 128), (6, 256), (3, 512))),
+}
+IDENTITY_SPECS = ["resnet50_nl", "resnet50_dnl", "resnet50_cca", "resnet50_a2",
+                  "resnet50_psa_p"]  # residual blocks; PSA (a gate) is blended by the builder
+
+
+def build(name: str, **kwargs) -> torch.nn.Module:
+    if name == "volo_d1":
+        kwargs.setdefault("img_size", 64)  # VOLO's position embedding is made for its input
+    return attnzoo.create_model(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_zoo_spec_builds_and_trains_at_64(name):
+    n_blocks, params_m, tolerance = ZOO[name]
+    model = build(name).train()
+    assert len(model.attnzoo_blocks) == n_blocks
+    assert model.attnzoo_spec.paper.startswith("https://arxiv.org/abs/")
+    params = sum(p.numel() for p in model.parameters())
+    if params_m is not None:
+        assert abs(params / 1e6 - params_m) <= tolerance, params
+    if name in EXACT:
+        assert params == EXACT[name]
+    if name == "resnet50_a2":  # A^2-Nets' abstract: over 40% fewer than ResNet-152 (60.2M)
+        assert params < 0.6 * 60.19e6
+    logits = model(torch.randn(2, 3, 64, 64))
+    assert logits.shape == (2, 1000)
+    logits.logsumexp(-1).mean().backward()
+    inserted = [model.get_submodule(b.name) for b in model.attnzoo_blocks]
+    assert all(p.grad is not None for m in inserted for p in m.parameters()
+               if p.requires_grad and p.dim() > 1)
+
+
+def test_non_local_family_sits_after_every_other_block_of_res3_and_res4():
+    model = build("resnet50_nl")
+    assert [b.name for b in model.attnzoo_blocks] == [
+        "layer2.1.attnzoo_after", "layer2.3.attnzoo_after",
+        "layer3.1.attnzoo_after", "layer3.3.attnzoo_after", "layer3.5.attnzoo_after"]
+
+
+@pytest.mark.parametrize("name", IDENTITY_SPECS)
+def test_zero_init_gives_the_bare_backbone_logits(name):
+    spec = attnzoo.load_spec(name).model_dump(mode="json", exclude_defaults=True)
+    spec["insert"] = [{**ins, "zero_init": True} for ins in spec["insert"]]
+    model = attnzoo.create_model(spec)
+    bare = timm.create_model("resnet50")
+    with torch.no_grad():  # non-trivial BN statistics, so the test sees real features
+        for m in bare.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_var.uniform_(0.5, 1.5)
+    result = model.load_state_dict(bare.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert all(".attnzoo_" in k for k in result.missing_keys)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), bare.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+def test_resnet50_mhsa_is_botnet():
+    model = build("resnet50_mhsa")
+    first, later = model.layer4[0].conv2, model.layer4[1].conv2
+    assert isinstance(first, MultiHeadSelfAttention2d) and isinstance(later,
+                                                                       MultiHeadSelfAttention2d)
+    assert first.num_heads == 4 and first.dim_head == 128
+    assert isinstance(first.pool, torch.nn.AvgPool2d) and isinstance(later.pool,
+                                                                      torch.nn.Identity)
+    # relative tables sized for the 224 input: 14x14 before the pool, 7x7 after
+    assert first.height_rel.shape == (27, 128) and later.width_rel.shape == (13, 128)
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_volo_d1_loads_timm_weights_and_equals_timm():
+    peer = timm.create_model("volo_d1_224", img_size=64).eval()
+    model = build("volo_d1").eval()
+    outlooks = [m for m in model.modules() if isinstance(m, OutlookAttention)]
+    assert len(outlooks) == 4 and all(m.channels_last and m.stride == 2 for m in outlooks)
+    assert not any(type(m).__name__ == "OutlookAttention" and m not in outlooks
+                   for m in model.modules())
+    model.load_state_dict(from_timm("volo_d1", peer.state_dict()), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(model(x), peer(x), atol=1e-5, rtol=1e-5)
