@@ -60,3 +60,12 @@ def test_stn_exports():
     x = torch.randn(1, 3, 40, 40)
     exported = torch.export.export(stn, (x,))
     torch.testing.assert_close(exported.module()(x), stn(x))
+
+
+def test_localisation_net_has_the_papers_svhn_size():
+    # two 5x5 convs with 32 filters (on 3 channels, then 32), FC 32*16*16 -> 32,
+    # FC 32 -> 32, regression 32 -> 6, all with biases
+    expected = (3 * 25 * 32 + 32) + (32 * 25 * 32 + 32) + (32 * 16 * 16 * 32 + 32) \
+        + (32 * 32 + 32) + (32 * 6 + 6)
+    stn = attnzoo.create_block("stn", 3)
+    assert sum(p.numel() for p in stn.parameters()) == expected == 291_494

@@ -26,7 +26,6 @@ from ..blocks import parse_block
 from ..blocks.base import BlockConfig, Site
 from ..errors import SpecError
 from ..registry import block_configs, register_architecture, register_block
-from ..spec import format_validation_error
 
 # --- shared helpers -------------------------------------------------------------------
 
@@ -64,6 +63,8 @@ def parse_arch_block(data: Any, where: str) -> BlockConfig:
             try:
                 return config_cls.model_validate(data)
             except ValidationError as exc:
+                from ..spec import format_validation_error  # spec imports the blocks
+
                 raise SpecError(format_validation_error(exc, where)) from None
     return parse_block(data, where)
 
