@@ -1,0 +1,118 @@
+"""Convert a timm safetensors checkpoint into an attnzoo folder (spec, weights, card).
+
+    python tools/convert_timm.py resnet50_se --repo timm/seresnet50.a1_in1k --out out/resnet50_se
+    python tools/convert_timm.py resnet50_se --checkpoint seresnet50.safetensors --out out/x
+
+The keys are renamed by ``attnzoo.convert.from_timm`` (the zoo model must have an
+entry in ``TIMM_EQUIVALENTS``) and loaded strictly; the folder records where the
+weights came from: the source repo, its resolved revision, the file and its sha256.
+Push the folder with ``attnzoo push out/x org/repo``. Pickle checkpoints are
+refused without being opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def timm_license(repo: str | None) -> str | None:
+    """The license timm states for a ``timm/<model>.<tag>`` repo, if it knows the tag."""
+    import timm
+
+    if not repo or not repo.startswith("timm/"):
+        return None
+    try:
+        return timm.models.get_pretrained_cfg(repo.split("/", 1)[1]).license
+    except Exception:  # noqa: BLE001 - an unknown tag simply has no known license
+        return None
+
+
+def convert(zoo_name: str, checkpoint: str | Path, out_dir: str | Path, *,
+            source_repo: str | None = None, source_revision: str | None = None,
+            license: str | None = None, metrics: dict[str, float] | None = None) -> Path:
+    """timm checkpoint (safetensors) -> attnzoo folder for zoo model ``zoo_name``."""
+    from safetensors.torch import load_file
+
+    import attnzoo
+    from attnzoo.convert import TIMM_EQUIVALENTS, from_timm
+    from attnzoo.errors import WeightsError
+    from attnzoo.hub import classifier_names, load_checked, refuse_pickle, sha256_of
+
+    checkpoint = Path(checkpoint)
+    where = f"convert_timm {zoo_name} ({checkpoint.name})"
+    refuse_pickle(checkpoint, where)
+    sha = sha256_of(checkpoint)
+    try:
+        state = from_timm(zoo_name, load_file(str(checkpoint)))
+    except WeightsError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"{where}: not a valid safetensors file: {exc}") from None
+    model = attnzoo.create_model(zoo_name)
+    heads = classifier_names(model)
+    head_weight = state.get(f"{heads[0]}.weight") if heads else None
+    if head_weight is not None and head_weight.shape[0] != model.num_classes:
+        model = attnzoo.create_model(zoo_name, num_classes=head_weight.shape[0])
+    load_checked(model, state, where)
+    source: dict[str, Any] = {"converted_from": "timm",
+                              "timm_model": TIMM_EQUIVALENTS[zoo_name].timm_name}
+    if source_repo:
+        source["repo"] = source_repo
+    if source_revision:
+        source["revision"] = source_revision
+    source.update({"file": checkpoint.name, "sha256": sha, "tool": "tools/convert_timm.py"})
+    return attnzoo.save_pretrained(model, out_dir, source=source, metrics=metrics,
+                                   license=license or timm_license(source_repo))
+
+
+def _metric(text: str) -> tuple[str, float]:
+    name, _, value = text.partition("=")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="zoo model with a timm equivalent, e.g. resnet50_se")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a local timm .safetensors file")
+    src.add_argument("--repo", help="Hub repo of the timm weights, e.g. timm/seresnet50.a1_in1k")
+    parser.add_argument("--revision", default=None, help="Hub revision (default: main)")
+    parser.add_argument("--file", default="model.safetensors", help="file in the Hub repo")
+    parser.add_argument("--out", type=Path, required=True, help="folder to write")
+    parser.add_argument("--license", default=None, help="license of the weights (default: "
+                        "timm's, for timm/ repos)")
+    parser.add_argument("--metric", type=_metric, action="append", default=[],
+                        metavar="NAME=VALUE", help="a measured metric for the card")
+    args = parser.parse_args(argv)
+
+    from attnzoo.errors import AttnZooError
+    from attnzoo.hub import hub_download
+
+    try:
+        revision = args.revision
+        checkpoint = args.checkpoint
+        if args.repo:
+            checkpoint = hub_download(args.repo, args.file, args.revision, "convert_timm")
+            # The cache path names the commit the revision resolved to.
+            revision = checkpoint.parent.name if len(checkpoint.parent.name) == 40 else revision
+        out = convert(args.model, checkpoint, args.out, source_repo=args.repo,
+                      source_revision=revision, license=args.license,
+                      metrics=dict(args.metric) or None)
+    except AttnZooError as exc:
+        print(f"convert_timm: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
