@@ -127,8 +127,6 @@ def test_block_builds_from_its_site_size_and_refuses_without_one():
         attnzoo.create_block("residual_attention", 32)
 
 
-@pytest.mark.xfail(reason="spec.BlockUnion is built from attnzoo.blocks only; blocks registered "
-                   "in attnzoo/architectures/ need registry.block_configs() to import them")
 def test_block_inserts_into_a_timm_resnet():
     spec = {
         "name": "resnet18_ran", "backbone": {"source": "timm", "name": "resnet18"},
@@ -176,3 +174,16 @@ def test_attention_module_exports():
     x = torch.randn(1, 8, 16, 16)
     exported = torch.export.export(module, (x,))
     torch.testing.assert_close(exported.module()(x), module(x))
+
+
+@pytest.mark.slow
+def test_attention_module_compiles_and_onnx_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    module = ResidualAttentionModule(8, depth=2).eval()
+    x = torch.randn(1, 8, 16, 16)
+    compiled = torch.compile(module, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), module(x))
+    torch.onnx.export(module, (x,), dynamo=True).save(str(tmp_path / "ran.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "ran.onnx"))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out), module(x), atol=1e-5, rtol=1e-5)
