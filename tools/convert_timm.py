@@ -13,6 +13,7 @@ refused without being opened.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.repo:
             checkpoint = hub_download(args.repo, args.file, args.revision, "convert_timm")
             # The cache path names the commit the revision resolved to.
-            revision = checkpoint.parent.name if len(checkpoint.parent.name) == 40 else revision
+            commit = checkpoint.parent.name
+            revision = commit if re.fullmatch(r"[0-9a-f]{40}", commit) else revision
         out = convert(args.model, checkpoint, args.out, source_repo=args.repo,
                       source_revision=revision, license=args.license,
                       metrics=dict(args.metric) or None)
