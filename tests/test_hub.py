@@ -488,3 +488,14 @@ def test_pin_weights_fills_revision_and_sha256_then_the_entry_loads(
     problems = pin_weights.pin_manifest(manifest, FakeApi(), check_only=False)
     assert len(problems) == 1 and "!=" in problems[0]
     assert yaml.safe_load(manifest.read_text())["tags"]["x"]["sha256"] != sha
+
+
+def test_zoo_weights_with_another_num_classes_keep_all_but_the_classifier(
+        model, weights_folder) -> None:
+    sha = hub.write_safetensors(model.state_dict(), weights_folder / "w.safetensors")
+    _write_manifest(weights_folder, default="x", tags={"x": {
+        "file": "w.safetensors", "sha256": sha, "num_classes": 10}})
+    with pytest.warns(UserWarning, match="classifier was not loaded"):
+        loaded = attnzoo.create_model(MODEL, pretrained=True, num_classes=4).eval()
+    assert loaded.get_classifier().out_features == 4
+    assert torch.equal(loaded.forward_features(_x()), model.forward_features(_x()))
