@@ -16,7 +16,7 @@ import timm
 import torch
 from torch import nn
 
-from .blocks.base import BlockConfig, Site
+from .blocks.base import BlockConfig, Site, takes_one_tensor
 from .errors import SpecError
 from .registry import did_you_mean, get_architecture
 from .sites import SiteRef, resolve_sites
@@ -241,6 +241,10 @@ def _insert(model: nn.Module, where: str, config: BlockConfig, site: SiteRef, ze
     except (ValueError, TypeError) as exc:
         raise SpecError(f"{where}: cannot build at {site.path} ({site.position}, "
                         f"{site_info.channels} channels): {exc}") from None
+    if not takes_one_tensor(block):
+        raise SpecError(f"{where}: block {config.block_type()!r} fuses several inputs and "
+                        f"cannot be inserted at one site ({site.path}); it is used inside "
+                        "architectures")
     if zero_init:
         if config.residual and hasattr(block, "reset_identity_"):
             block.reset_identity_()

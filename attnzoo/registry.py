@@ -46,8 +46,9 @@ def register_architecture(name: str) -> Callable[[F], F]:
 
 
 def _load_blocks() -> None:
-    # Importing the families runs their register_* decorators.
-    from . import blocks  # noqa: F401
+    # Importing the families runs their register_* decorators. Architectures register
+    # blocks too (BiSeNet's arm/ffm, PAN's fpa/gau, ...), so they are loaded here as well.
+    from . import architectures, blocks  # noqa: F401
 
 
 def _load_architectures() -> None:

@@ -203,3 +203,9 @@ def test_block_at_a_site_of_the_wrong_rank_is_refused():
     with pytest.raises(SpecError, match=r"takes 4-D \(N, C, H, W\) tensors.*'fc'.*2-D"):
         attnzoo.create_model(spec({"block": {"type": "se"},
                                    "at": {"path": "fc", "position": "after"}}))
+
+
+def test_a_two_input_block_cannot_be_inserted_at_one_site():
+    for block in ("gau", "ffm"):
+        with pytest.raises(SpecError, match=f"'{block}' fuses several inputs"):
+            attnzoo.create_model(spec({"block": {"type": block}, "at": "post_add"}))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar, get_args
 
@@ -64,6 +65,17 @@ class BlockConfig(BaseModel):
                 f"{site.channels} to {site.output_channels} channels"
             )
         return self.module(channels=site.channels, **self.module_kwargs())
+
+
+def takes_one_tensor(module: nn.Module) -> bool:
+    """Whether ``module.forward`` takes exactly one tensor. Fusions of several maps
+    (BiSeNet's FFM, PAN's GAU, RAS's reverse attention) live inside architectures and
+    cannot be inserted at a single site."""
+    params = inspect.signature(module.forward).parameters.values()
+    required = [p for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    var = any(p.kind is p.VAR_POSITIONAL for p in params)
+    return len(required) == 1 and not var
 
 
 def make_identity_(module: nn.Module) -> bool:
