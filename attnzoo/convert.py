@@ -56,6 +56,9 @@ TIMM_EQUIVALENTS: dict[str, TimmEquivalent] = {
     # VOLO-D1: attnzoo's `outlook` replaces timm's OutlookAttention at the same path and
     # keeps its parameter names (v, attn, proj), so the keys need no rename.
     "volo_d1": TimmEquivalent("volo_d1_224"),
+    # ViT-S/16 with multi_head_attention in place of timm's Attention: same qkv/proj
+    # layout and names, and timm's q_norm/k_norm are Identity (no parameters): no rename.
+    "vit_small_mha": TimmEquivalent("vit_small_patch16_224"),
 }
 
 
