@@ -19,7 +19,6 @@ opened. Downloads go through ``hf_hub_download`` (cache, offline mode, progress 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import os
 import re
 import tempfile
@@ -33,8 +32,10 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
+from . import safe_weights
 from .errors import AttnZooError, SpecError, WeightsError
 from .registry import did_you_mean
+from .safe_weights import sha256_file as sha256_of
 from .spec import ModelSpec, format_validation_error
 from .zoo import data_dir
 
@@ -189,15 +190,6 @@ def resolve_zoo_weights(model_name: str, pretrained: bool | str
 # ------------------------------------------------------------------------ verification
 
 
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def refuse_pickle(path: str | os.PathLike[str], where: str) -> None:
     """Raise WeightsError if ``path`` is named like a pickle file (it is never opened)."""
     name = os.fspath(path)
@@ -231,7 +223,13 @@ def read_verified(path: str | os.PathLike[str], sha256: str | None, where: str
             f"{actual} != expected {sha256}; it is corrupt, truncated or not the pinned "
             "file. Delete it (for a Hub download: `hf cache delete`) and download again.")
     try:
+        # The pinned hash only says the file is the one recorded; a stranger may have
+        # recorded a hostile file, so the content is still checked before loading.
+        safe_weights.refuse_pickle(path)
+        safe_weights.check_header(path)
         return load_file(str(path))
+    except WeightsError as exc:
+        raise WeightsError(f"{where}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a verified file can still be malformed
         raise WeightsError(f"{where}: weights file {path.name} ({path}) is not a valid "
                            f"safetensors file: {exc}") from None
