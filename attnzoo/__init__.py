@@ -62,11 +62,13 @@ def create_model(
                                            num_classes=num_classes, **backbone_args)
             return _features(built, features_only, out_indices, feature_cls)
     spec = load_spec(model)
-    built = build_model(spec, num_classes=num_classes, **backbone_args)
     if pretrained:
         from . import hub
 
-        hub.load_zoo_weights(built, spec, pretrained)
+        # Parameters on meta, the verified file's tensors assigned: no wasted init.
+        built = hub.create_pretrained(spec, pretrained, num_classes, **backbone_args)
+    else:
+        built = build_model(spec, num_classes=num_classes, **backbone_args)
     return _features(built, features_only, out_indices, feature_cls)
 
 
@@ -107,6 +109,8 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], **kwarg
     """Write ``attnzoo.yaml``, ``model.safetensors`` and a model card to ``directory``."""
     from . import hub
 
+    _check_recordable(model)
+
     return hub.save_pretrained(model, directory, **kwargs)
 
 
@@ -114,7 +118,19 @@ def push_to_hub(model: nn.Module, repo_id: str, **kwargs: Any):
     """Save the model to a temporary folder and upload it to the Hub as ``repo_id``."""
     from . import hub
 
+    _check_recordable(model)
+
     return hub.push_to_hub(model, repo_id, **kwargs)
+
+
+def _check_recordable(model: nn.Module) -> None:
+    """Refuse to save a model whose saved spec would rebuild a different network."""
+    unrecorded = getattr(model, "attnzoo_unrecorded_args", None)
+    if unrecorded:
+        raise AttnZooError(
+            f"cannot save: the model was built with backbone args {unrecorded} that are not "
+            "plain YAML values, so the saved spec could not rebuild it; pass plain values "
+            "(numbers, strings, lists) or set them in the spec's backbone.args")
 
 
 __all__ = [

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -209,9 +210,43 @@ def build_model(spec: ModelSpec, num_classes: int | None = None, *,
     inserted: list[InsertedBlock] = []
     for where, config, site, zero_init in plan:
         inserted.append(_insert(model, where, config, site, zero_init, shapes.get(site.path)))
-    model.attnzoo_spec = spec
+    model.attnzoo_spec, model.attnzoo_unrecorded_args = _as_built(spec, num_classes,
+                                                                   backbone_args)
     model.attnzoo_blocks = inserted
     return model
+
+
+def _as_built(spec: ModelSpec, num_classes: int | None, backbone_args: dict[str, Any]
+              ) -> tuple[ModelSpec, list[str]]:
+    """The spec of the network actually built: call-time ``num_classes`` and backbone
+    args written in, so that saving the model and rebuilding from the saved spec gives
+    the same network. Args that are not plain YAML values (a norm layer class, say)
+    cannot be written; their names are returned so that saving can refuse them."""
+    plain: dict[str, Any] = {}
+    unrecorded: list[str] = []
+    for key, value in backbone_args.items():
+        if _is_plain(value):
+            plain[key] = json.loads(json.dumps(value))  # tuples as YAML writes them: lists
+        else:
+            unrecorded.append(key)
+    update: dict[str, Any] = {}
+    if plain:
+        update["backbone"] = spec.backbone.model_copy(
+            update={"args": {**spec.backbone.args, **plain}})
+    if num_classes is not None and num_classes != spec.num_classes:
+        update["num_classes"] = num_classes
+    return (spec.model_copy(update=update) if update else spec), sorted(unrecorded)
+
+
+def _is_plain(value: Any) -> bool:
+    """Whether ``value`` is made of YAML scalars, lists and string-keyed dicts."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return True
+    if isinstance(value, list | tuple):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
 
 
 def _insert(model: nn.Module, where: str, config: BlockConfig, site: SiteRef, zero_init: bool,

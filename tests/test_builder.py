@@ -209,3 +209,26 @@ def test_a_two_input_block_cannot_be_inserted_at_one_site():
     for block in ("gau", "ffm"):
         with pytest.raises(SpecError, match=f"'{block}' fuses several inputs"):
             attnzoo.create_model(spec({"block": {"type": block}, "at": "post_add"}))
+
+
+def test_call_time_args_are_written_into_the_recorded_spec(tmp_path):
+    model = attnzoo.create_model("resnet18_cbam", num_classes=7, drop_rate=0.25,
+                                 drop_path_rate=0.1).eval()
+    recorded = model.attnzoo_spec
+    assert recorded.num_classes == 7
+    assert recorded.backbone.args == {"drop_rate": 0.25, "drop_path_rate": 0.1}
+    assert attnzoo.load_spec("resnet18_cbam").backbone.args == {}  # the zoo's is untouched
+    rebuilt = attnzoo.create_model(attnzoo.ModelSpec.from_yaml(recorded.to_yaml()))
+    assert rebuilt.drop_rate == 0.25 and rebuilt.fc.out_features == 7
+    attnzoo.save_pretrained(model, tmp_path / "saved")
+    loaded = attnzoo.create_model(tmp_path / "saved").eval()
+    assert loaded.drop_rate == 0.25
+    torch.testing.assert_close(loaded(X), model(X))
+
+
+def test_a_model_built_with_non_yaml_args_is_not_saved(tmp_path):
+    model = attnzoo.create_model("resnet18_cbam", act_layer=torch.nn.ReLU6)
+    assert model.attnzoo_spec.backbone.args == {}
+    with pytest.raises(attnzoo.AttnZooError, match=r"\['act_layer'\].*not plain YAML"):
+        attnzoo.save_pretrained(model, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
