@@ -125,6 +125,8 @@ def test_block_builds_from_its_site_size_and_refuses_without_one():
     assert attnzoo.create_block("residual_attention", 32, depth=1).mask.depth == 1
     with pytest.raises(ValueError, match="depth"):
         attnzoo.create_block("residual_attention", 32)
+    with pytest.raises(ValueError, match="at least 4 channels"):
+        attnzoo.create_block("residual_attention", 2, depth=1)
 
 
 def test_block_inserts_into_a_timm_resnet():

@@ -170,6 +170,9 @@ class ResidualAttentionConfig(BlockConfig):
         if site.output_channels != site.channels:
             raise ValueError(f"residual_attention keeps its channel count and cannot map "
                              f"{site.channels} to {site.output_channels} channels")
+        if site.channels < 4:
+            raise ValueError(f"residual_attention's bottleneck units need at least 4 channels "
+                             f"(width C/4), got {site.channels}")
         depth = self.depth
         if depth is None:
             if not site.size:
