@@ -15,10 +15,12 @@ are the sequence; a map comes back as a map. Both do self-attention (one input) 
 cross-attention (``key``/``value`` given).
 
 Masks follow ``nn.MultiheadAttention``: a boolean ``key_padding_mask`` (B, Nk) or
-``attn_mask`` (Nq, Nk) / (B*heads, Nq, Nk) is True where attention is NOT allowed; a
-float mask is added to the scores. (This is the inverse of the boolean convention of
-``F.scaled_dot_product_attention`` and timm's ``attn_mask``; float masks mean the same
-everywhere.) A query whose keys are all masked gets NaN, as in PyTorch.
+``attn_mask`` (Nq, Nk) / (B*heads, Nq, Nk) / (B or 1, heads or 1, Nq, Nk) is True where
+attention is NOT allowed; a float mask is added to the scores. A boolean ``attn_mask``
+of ``F.scaled_dot_product_attention`` and timm means the opposite (True = may attend);
+``multi_head_attention`` reads it that way with ``mask_convention: sdpa``, which it takes
+when it replaces a timm attention, because timm's blocks pass their masks through. Float
+masks mean the same everywhere. A query whose keys are all masked gets NaN, as in PyTorch.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from .base import BlockConfig, Site
 
 Score = Literal["additive", "dot", "scaled_dot", "bilinear"]
 Mode = Literal["soft", "hard_argmax", "hard_sample"]
+MaskConvention = Literal["multihead_attention", "sdpa"]
 
 # --- shared helpers --------------------------------------------------------------------
 
@@ -74,19 +77,36 @@ def causal_mask(n_query: int, n_key: int, dtype: torch.dtype, device: torch.devi
     return _additive(future, dtype)
 
 
+def _check_attn_mask(attn_mask: torch.Tensor, batch: int, heads: int, n_query: int,
+                     n_key: int) -> None:
+    shape = tuple(attn_mask.shape)
+    if attn_mask.dim() == 2:
+        ok = shape == (n_query, n_key)
+    elif attn_mask.dim() == 3:
+        ok = shape == (batch * heads, n_query, n_key)
+    elif attn_mask.dim() == 4:
+        ok = shape[0] in (1, batch) and shape[1] in (1, heads) and shape[2:] == (n_query,
+                                                                                n_key)
+    else:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask must be (Nq, Nk) = ({n_query}, {n_key}), (B*heads, Nq, "
+                         f"Nk) = ({batch * heads}, {n_query}, {n_key}) or (B or 1, heads or "
+                         f"1, Nq, Nk) with B={batch}, heads={heads}; got {shape}")
+
+
 def combined_mask(key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None,
                   is_causal: bool, batch: int, n_query: int, n_key: int,
-                  dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+                  dtype: torch.dtype, device: torch.device, heads: int = 1
+                  ) -> torch.Tensor | None:
     """All masks as one additive float mask that broadcasts to (B, heads, Nq, Nk), or
-    None when there is none. ``attn_mask`` is (Nq, Nk) or (B*heads, Nq, Nk)."""
+    None when there is none. ``attn_mask`` is (Nq, Nk), (B*heads, Nq, Nk) or 4-D."""
     mask = None
     if attn_mask is not None:
-        if attn_mask.dim() not in (2, 3) or tuple(attn_mask.shape[-2:]) != (n_query, n_key):
-            raise ValueError(f"attn_mask must be (Nq, Nk) = ({n_query}, {n_key}) or "
-                             f"(B*heads, Nq, Nk), got {tuple(attn_mask.shape)}")
+        _check_attn_mask(attn_mask, batch, heads, n_query, n_key)
         mask = _additive(attn_mask, dtype)
         if mask.dim() == 3:
-            mask = mask.view(batch, -1, n_query, n_key)
+            mask = mask.view(batch, heads, n_query, n_key)
     if key_padding_mask is not None:
         if tuple(key_padding_mask.shape) != (batch, n_key):
             raise ValueError(f"key_padding_mask must be (B, Nk) = ({batch}, {n_key}), "
@@ -288,18 +308,23 @@ class MultiHeadAttention(nn.Module):
 
     Inputs: (B, N, C) sequences (batch first) or (N, C, H, W) maps (H*W positions, a map
     comes back). ``key`` defaults to ``query`` (self-attention), ``value`` to ``key``;
-    all have C channels. Masks: see the module docstring (``nn.MultiheadAttention``'s
-    convention). ``is_causal`` applies the causal mask itself. ``need_weights=True`` also
-    returns the attention weights, averaged over heads unless ``average_attn_weights``
-    is False; it computes them explicitly instead of with the fused kernel.
+    all have C channels. Masks: see the module docstring; a boolean ``attn_mask`` is True
+    where attention is NOT allowed (``nn.MultiheadAttention``) unless ``mask_convention``
+    is ``"sdpa"`` (True = may attend, as timm's ViT blocks pass it); ``key_padding_mask``
+    is True on padding either way. ``is_causal`` applies the causal mask itself.
+    ``need_weights=True`` also returns the attention weights, averaged over heads unless
+    ``average_attn_weights`` is False; it computes them explicitly instead of with the
+    fused kernel.
     """
 
     def __init__(self, channels: int, num_heads: int = 8, qkv_bias: bool = True,
-                 proj_bias: bool = True, dropout: float = 0.0, proj_drop: float = 0.0) -> None:
+                 proj_bias: bool = True, dropout: float = 0.0, proj_drop: float = 0.0,
+                 mask_convention: MaskConvention = "multihead_attention") -> None:
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels do not split into {num_heads} heads")
         self.num_heads = num_heads
+        self.mask_convention = mask_convention
         self.head_dim = channels // num_heads
         self.dropout = dropout
         self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias)
@@ -342,11 +367,14 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (self._heads(t) for t in self._project(x_q, x_k, x_v))  # (B, h, N, d)
         batch, _, n_query, _ = q.shape
         n_key = k.shape[2]
+        if attn_mask is not None and attn_mask.dtype == torch.bool \
+                and self.mask_convention == "sdpa":
+            attn_mask = ~attn_mask
         # With no other mask the fused kernel applies causality itself.
         fused_causal = is_causal and key_padding_mask is None and attn_mask is None \
             and not need_weights
         mask = combined_mask(key_padding_mask, attn_mask, is_causal and not fused_causal,
-                             batch, n_query, n_key, q.dtype, q.device)
+                             batch, n_query, n_key, q.dtype, q.device, heads=self.num_heads)
         dropout = self.dropout if self.training else 0.0
         if need_weights:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
@@ -388,6 +416,8 @@ def timm_attention_settings(module: nn.Module) -> dict[str, object]:
         "proj_bias": proj.bias is not None,
         "dropout": attn_drop.p if isinstance(attn_drop, nn.Dropout) else 0.0,
         "proj_drop": proj_drop.p if isinstance(proj_drop, nn.Dropout) else 0.0,
+        # its model passes attn_mask on in scaled_dot_product_attention's convention
+        "mask_convention": "sdpa",
     }
 
 
@@ -403,7 +433,8 @@ def _check_same_shape(block_type: str, site: Site) -> None:
 class MultiHeadAttentionConfig(BlockConfig):
     """Multi-head (self- or cross-) attention, https://arxiv.org/abs/1706.03762, on
     torch's scaled_dot_product_attention. Replacing a timm ViT ``Attention`` takes its
-    heads, biases and dropouts for every field left unset, and keeps its parameter names."""
+    heads, biases, dropouts and mask convention for every field left unset, and keeps its
+    parameter names."""
 
     type: Literal["multi_head_attention"]
     num_heads: int | None = Field(None, ge=1, description=(
@@ -416,6 +447,11 @@ class MultiHeadAttentionConfig(BlockConfig):
         "Dropout on the attention weights in training; the replaced attention's, else 0."))
     proj_drop: float | None = Field(None, ge=0, lt=1, description=(
         "Dropout after the output projection; the replaced attention's, else 0."))
+    mask_convention: MaskConvention | None = Field(None, description=(
+        "What True means in a boolean attn_mask: multihead_attention (nn.MultiheadAttention: "
+        "True = may NOT attend) or sdpa (F.scaled_dot_product_attention and timm: True = may "
+        "attend). Unset: sdpa when it replaces a timm attention, whose model passes its "
+        "masks through, else multihead_attention. key_padding_mask is True on padding."))
 
     module = MultiHeadAttention
     input_ranks = (3, 4)
@@ -424,7 +460,7 @@ class MultiHeadAttentionConfig(BlockConfig):
         _check_same_shape(self.block_type(), site)
         inherited = timm_attention_settings(site.replaced) if site.replaced is not None else {}
         defaults = {"num_heads": 8, "qkv_bias": True, "proj_bias": True,
-                    "dropout": 0.0, "proj_drop": 0.0}
+                    "dropout": 0.0, "proj_drop": 0.0, "mask_convention": "multihead_attention"}
         kwargs = {name: value if value is not None else inherited.get(name, defaults[name])
                   for name, value in self.module_kwargs().items()}
         return self.module(channels=site.channels, **kwargs)
