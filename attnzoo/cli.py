@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import AttnZooError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -42,10 +47,70 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return "\n".join(lines)
 
 
-def _cmd_summary(args: argparse.Namespace) -> int:
-    import torch
+def _use_rich() -> bool:
+    """Rich tables on a terminal (when rich is installed); plain text when piped."""
+    if not sys.stdout.isatty():
+        return False
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
+
+def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]],
+                 right: Sequence[str] = ()) -> None:
+    """``rows`` under ``headers``; the ``right`` columns are right-aligned (rich only)."""
+    if _use_rich():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for h in headers:
+            # fold rather than cut long module paths when the terminal is narrow
+            table.add_column(h, justify="right" if h in right else "left", overflow="fold")
+        for row in rows:
+            table.add_row(*map(str, row))
+        Console().print(table)
+        return
+    print(title)
+    if rows:
+        print(_table(headers, rows))
+
+
+def count_flops(model: nn.Module, input_size: Sequence[int]) -> tuple[int, dict[str, int]]:
+    """FLOPs of one eval-mode forward pass of a batch of one, as
+    ``torch.utils.flop_counter.FlopCounterMode`` counts them (2 per multiply-add): the
+    total, and the count of every submodule by its path in ``model`` ("" = the model)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros((1, *input_size), device=device))
+    finally:
+        model.train(was_training)
+    # FlopCounterMode names modules "<root class name>.<path>", plus "Global".
+    root = type(model).__name__
+    per_module = {}
+    for name, ops in counter.get_flop_counts().items():
+        if name == root or name.startswith(f"{root}."):
+            per_module[name[len(root) + 1:]] = sum(ops.values())
+    return counter.get_total_flops(), per_module
+
+
+def _fmt(value: float) -> str:
+    """Three decimals, or three significant digits for what would round to 0.000."""
+    return f"{value:.3f}" if value >= 0.01 or value == 0 else f"{value:.3g}"
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
     from . import create_model
+    from .builder import probe_input_size
 
     model = create_model(args.name)
     spec = model.attnzoo_spec
@@ -54,23 +119,27 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     print(f"{spec.name}: {spec.description}")
     print(f"backbone: {spec.backbone.source}:{spec.backbone.name} ({type(model).__name__})")
     print(f"parameters: {total:,} ({total / 1e6:.2f}M), of which inserted blocks: {added:,}")
+    size = probe_input_size(model, spec, spec.backbone.args)
     if args.input_size:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        chans = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
-        x = torch.zeros(1, chans, args.input_size, args.input_size)
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-        flops = counter.get_total_flops()
-        print(f"FLOPs at {args.input_size}x{args.input_size}: {flops / 1e9:.2f} G "
-              f"({flops / 2e9:.2f} GMACs)")
+        size = (size[0], args.input_size, args.input_size)
+    shown = "x".join(map(str, size))
+    try:
+        flops, per_module = count_flops(model, size)
+    except Exception as exc:  # noqa: BLE001 - e.g. a ViT made for one image size
+        raise AttnZooError(f"{spec.name} does not run at input {shown}: "
+                           f"{type(exc).__name__}: {exc}") from None
+    print(f"GMACs at {shown}: {_fmt(flops / 2e9)} (papers' \"GFLOPs\"; "
+          f"{flops:,} FLOPs as torch.utils.flop_counter counts them, 2 per multiply-add)")
     rows = [(b.name, b.block_type, b.position, b.channels,
-             "x".join(map(str, b.size)) if b.size else "-", f"{b.params:,}")
+             "x".join(map(str, b.size)) if b.size else "-", f"{b.params:,}",
+             _fmt(per_module.get(b.name, 0) / 2e6))
             for b in model.attnzoo_blocks]
-    print(f"inserted blocks: {len(rows)}")
-    if rows:
-        print(_table(("module", "type", "position", "channels", "size", "params"), rows))
+    headers = ("module", "type", "position", "channels", "size", "params", "MMACs")
+    _print_table(f"inserted blocks: {len(rows)}", headers, rows,
+                 right=("channels", "params", "MMACs"))
+    if rows and size != probe_input_size(model, spec, spec.backbone.args):
+        print("(channels and size: the site as the builder probed it, at the model's own "
+              "input size; MMACs: at the input above)")
     return 0
 
 
@@ -97,10 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="zoo name or spec file")
     p.set_defaults(func=_cmd_show)
 
-    p = sub.add_parser("summary", help="parameters and the table of inserted blocks")
-    p.add_argument("name", help="zoo name or spec file")
+    p = sub.add_parser("summary",
+                       help="parameters, multiply-adds and the table of inserted blocks")
+    p.add_argument("name", help="zoo name, spec file, saved folder or hf-hub:org/repo")
     p.add_argument("--input-size", type=int, default=None, metavar="N",
-                   help="also count FLOPs for an N x N input")
+                   help="count multiply-adds for an N x N input (default: the model's "
+                   "own input size)")
     p.set_defaults(func=_cmd_summary)
 
     p = sub.add_parser("schema", help="print the JSON Schema of a spec file")
@@ -123,6 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AttnZooError as exc:
         print(f"attnzoo: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `attnzoo schema | head`: the reader has gone. Point stdout at devnull so that
+        # the interpreter's final flush does not raise again (as the Python docs advise).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
