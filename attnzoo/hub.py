@@ -18,11 +18,15 @@ opened. Downloads go through ``hf_hub_download`` (cache, offline mode, progress 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import os
 import re
 import tempfile
+import threading
 import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
@@ -200,15 +204,70 @@ def refuse_pickle(path: str | os.PathLike[str], where: str) -> None:
             "checkpoint you trust with safetensors.torch.save_file)")
 
 
+_TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+    "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64,
+    "F64": torch.float64, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+}
+_READ_CHUNK = 16 << 20
+
+
+def _mismatch(path: Path, actual: str, sha256: str, where: str) -> WeightsError:
+    return WeightsError(
+        f"{where}: weights file {path.name} ({path}) failed verification: sha256 "
+        f"{actual} != expected {sha256}; it is corrupt, truncated or not the pinned "
+        "file. Delete it (for a Hub download: `hf cache delete`) and download again.")
+
+
+def _read_and_hash(path: Path, header: dict[str, dict]) -> tuple[dict[str, torch.Tensor], str]:
+    """Read every tensor of a safetensors file whose header passed
+    :func:`attnzoo.safe_weights.check_header` (so the tensors tile the data section), in
+    one pass that also computes the file's sha256.
+
+    Each tensor is read straight into memory from PyTorch's allocator: 64-byte aligned
+    like any tensor a model allocates (CPU kernels may round differently on other
+    alignments, e.g. on an mmap of the file), the weights held once, no page of the
+    file mapped into the process.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    spans = sorted((info["data_offsets"][0], name) for name, info in header.items())
+    tensors: dict[str, torch.Tensor] = {}
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(8)
+        digest.update(head)
+        size = int.from_bytes(head, "little")
+        digest.update(f.read(size))
+        for _, name in spans:
+            info = header[name]
+            tensor = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:done + _READ_CHUNK])
+                if not got:
+                    raise WeightsError(f"{path}: ended inside tensor {name!r}")
+                digest.update(view[done:done + got])
+                done += got
+            tensors[name] = tensor
+        while rest := f.read(_READ_CHUNK):  # nothing, for a header that checked out
+            digest.update(rest)
+    return tensors, digest.hexdigest()
+
+
 def read_verified(path: str | os.PathLike[str], sha256: str | None, where: str
                   ) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, after checking its sha256.
 
+    The header is validated first (``safe_weights``), then the file is read once: the
+    tensors and the hash together. Nothing is returned unless the hash matches.
     Raises WeightsError naming the file when it is a pickle, missing, has another
-    hash (corrupt, truncated, not the pinned file) or is not valid safetensors.
+    hash (corrupt, truncated, not the pinned file) or is not valid safetensors; a
+    file that fails both the content checks and the hash is reported as failing the
+    hash.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
     refuse_pickle(path, where)
     if sha256 is None or not _SHA256.match(sha256):
@@ -216,23 +275,30 @@ def read_verified(path: str | os.PathLike[str], sha256: str | None, where: str
                            "load unverified weights")
     if not path.is_file():
         raise WeightsError(f"{where}: weights file {path} does not exist")
-    actual = sha256_of(path)
-    if actual != sha256:
-        raise WeightsError(
-            f"{where}: weights file {path.name} ({path}) failed verification: sha256 "
-            f"{actual} != expected {sha256}; it is corrupt, truncated or not the pinned "
-            "file. Delete it (for a Hub download: `hf cache delete`) and download again.")
     try:
         # The pinned hash only says the file is the one recorded; a stranger may have
-        # recorded a hostile file, so the content is still checked before loading.
+        # recorded a hostile file, so the content is checked before any tensor is read.
         safe_weights.refuse_pickle(path)
-        safe_weights.check_header(path)
-        return load_file(str(path))
+        header = safe_weights.check_header(path)
+        header.pop("__metadata__", None)
+        unknown = sorted({i["dtype"] for i in header.values()} - set(_TORCH_DTYPES))
+        if unknown:
+            raise WeightsError(f"{path}: dtypes {unknown} are not supported")
+    except WeightsError as exc:
+        actual = sha256_of(path)
+        if actual != sha256:
+            raise _mismatch(path, actual, sha256, where) from None
+        raise WeightsError(f"{where}: {exc}") from None
+    try:
+        tensors, actual = _read_and_hash(path, header)
     except WeightsError as exc:
         raise WeightsError(f"{where}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a verified file can still be malformed
         raise WeightsError(f"{where}: weights file {path.name} ({path}) is not a valid "
                            f"safetensors file: {exc}") from None
+    if actual != sha256:
+        raise _mismatch(path, actual, sha256, where)
+    return tensors
 
 
 def classifier_names(model: nn.Module) -> list[str]:
@@ -255,7 +321,7 @@ def _short(keys: list[str], n: int = 8) -> str:
 
 
 def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str,
-                 allow_new_head: bool = False) -> list[str]:
+                 allow_new_head: bool = False, assign: bool = False) -> list[str]:
     """Load ``state`` into ``model`` after checking keys and shapes; the model is
     untouched when anything does not fit.
 
@@ -263,6 +329,11 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str,
     classes) are left at their initialisation, with a warning; the dropped keys are
     returned. Any other missing, unexpected or mis-shaped key is a WeightsError that
     names it.
+
+    With ``assign``, the model's tensors are replaced by the file's own (cast to the
+    model's dtype where they differ) instead of being copied into: no second copy of
+    the weights, and the model may have been built with its parameters on the meta
+    device (see :func:`build_for_weights`).
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
@@ -296,11 +367,143 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str,
         state = {k: v for k, v in state.items() if k not in dropped}
         warnings.warn(f"{where}: the classifier was not loaded (another number of classes), "
                       f"it keeps its random initialisation: {_short(dropped)}", stacklevel=3)
-    result = model.load_state_dict(state, strict=not dropped)
+    if assign:
+        state = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype)
+                 for k, v in state.items()}
+    result = model.load_state_dict(state, strict=not dropped, assign=assign)
     left = set(result.missing_keys) - set(dropped)
     if left or result.unexpected_keys:  # cannot happen after the checks above
         raise WeightsError(f"{where}: load_state_dict left keys out: {_short(sorted(left))}")
     return dropped
+
+
+# ------------------------------------------------------------------ building for weights
+
+
+class _ParametersOnMeta(threading.local):
+    """Per-thread switch of :func:`parameters_on_meta` (other threads build normally)."""
+
+    depth: int = 0
+
+
+_META = _ParametersOnMeta()
+_PATCH_LOCK = threading.Lock()
+_PATCH_USERS = 0
+_ORIGINAL_REGISTER = nn.Module.register_parameter
+
+
+def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+    if _META.depth and type(param) is nn.Parameter and not param.is_meta:
+        # The real tensor (``torch.empty`` in a layer's __init__, not yet initialised)
+        # is dropped here; the layer's initialisation then runs on meta: a no-op.
+        param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    _ORIGINAL_REGISTER(module, name, param)
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with every ``nn.Parameter`` on the meta device, buffers as usual.
+
+    Parameters take no memory and are never initialised (init functions on meta
+    tensors do nothing), while buffers (BatchNorm statistics, FcaNet's DCT bases,
+    relative position indices, non-persistent or not) are computed on the CPU exactly
+    as in a normal build. Only the calling thread is affected.
+    """
+    global _PATCH_USERS
+    with _PATCH_LOCK:
+        if _PATCH_USERS == 0:
+            nn.Module.register_parameter = _register_parameter  # type: ignore[method-assign]
+        _PATCH_USERS += 1
+    _META.depth += 1
+    try:
+        yield
+    finally:
+        _META.depth -= 1
+        with _PATCH_LOCK:
+            _PATCH_USERS -= 1
+            if _PATCH_USERS == 0:
+                nn.Module.register_parameter = _ORIGINAL_REGISTER  # type: ignore[method-assign]
+
+
+def _named_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def meta_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of ``model`` still on the meta device."""
+    return [name for name, t in _named_tensors(model) if t.is_meta]
+
+
+def build_for_weights(spec: ModelSpec, num_classes: int | None,
+                      backbone_args: dict[str, Any]) -> nn.Module:
+    """Build ``spec`` for weights that will be assigned to it: parameters on meta
+    (nothing allocated, nothing initialised), buffers real. Load the weights with
+    :func:`load_checked` (``assign=True``), then call :func:`finish_weights_build`."""
+    from .builder import build_model
+
+    with parameters_on_meta():
+        model = build_model(spec, num_classes=num_classes, **backbone_args)
+    return model
+
+
+def finish_weights_build(model: nn.Module, spec: ModelSpec, num_classes: int | None,
+                         backbone_args: dict[str, Any],
+                         rng_state: torch.Tensor) -> list[str]:
+    """Give real tensors to whatever the weights file did not hold (a new classifier, a
+    buffer made from a parameter): they are taken from a normal build of the same spec,
+    run from ``rng_state`` (the CPU generator's state before the load), so they are
+    initialised exactly as ``build_model`` with that seed would. Returns their names.
+
+    A normal build costs a second copy of the model, so this runs only when needed.
+    """
+    from .builder import build_model
+
+    left = meta_tensors(model)
+    if not left:
+        return []
+    torch.random.set_rng_state(rng_state)
+    fresh = dict(_named_tensors(build_model(spec, num_classes=num_classes, **backbone_args)))
+    for name in left:
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner)
+        tensor = fresh[name]
+        if leaf in module._parameters:
+            module._parameters[leaf] = tensor  # type: ignore[assignment]
+        else:
+            module._buffers[leaf] = tensor
+    still = meta_tensors(model)
+    if still:  # the normal build has them on meta too: a bug in that module
+        raise WeightsError(f"{spec.name}: cannot materialise {_short(still)}")
+    return left
+
+
+def _load_into_new_model(spec: ModelSpec, read_state: Callable[[], dict[str, torch.Tensor]],
+                         where: str, *, num_classes: int | None, backbone_args: dict[str, Any],
+                         allow_new_head: bool | Callable[[nn.Module], bool]) -> nn.Module:
+    """Build ``spec`` on meta and assign the verified state that ``read_state`` returns.
+
+    The file is read and hashed in a worker thread while this one builds the model
+    (reading and hashing release the GIL), so a load costs about the longer of the
+    two, not their sum. No tensor reaches the model before its hash is checked; when
+    both fail, the weights error is the one raised. ``allow_new_head`` may be a
+    function of the built model.
+    """
+    rng_state = torch.random.get_rng_state()
+    with ThreadPoolExecutor(1, thread_name_prefix="attnzoo-read") as pool:
+        reading = pool.submit(read_state)
+        try:
+            model = build_for_weights(spec, num_classes, backbone_args)
+        except BaseException:
+            reading.result()  # a bad file is reported first, as when reading came first
+            raise
+        state = reading.result()
+    if callable(allow_new_head):
+        allow_new_head = allow_new_head(model)
+    load_checked(model, state, where, allow_new_head=allow_new_head, assign=True)
+    del state
+    finish_weights_build(model, spec, num_classes, backbone_args, rng_state)
+    return model
 
 
 # --------------------------------------------------------------------- Hub & folders
@@ -377,10 +580,10 @@ def create_from_source(name: str, *, revision: str | None = None,
     """Build a model from a saved folder or ``hf-hub:`` repo and load its verified weights.
 
     With ``num_classes`` different from the saved classifier, every weight but the
-    classifier's is loaded (with a warning).
+    classifier's is loaded (with a warning). The model is built with its parameters
+    on the meta device and the file's tensors are assigned to it: nothing is
+    initialised only to be overwritten, and the weights are in memory once.
     """
-    from .builder import build_model
-
     if name.startswith(HUB_PREFIX):
         repo_id, rev = parse_hub_name(name, revision)
         spec_path = hub_download(repo_id, SPEC_FILE, rev, name)
@@ -405,9 +608,11 @@ def create_from_source(name: str, *, revision: str | None = None,
         weights_path = folder / info["file"]
         where = f"{folder} ({info['file']})"
         source = {"folder": str(folder)}
-    state = read_verified(weights_path, info.get("sha256"), where)
-    model = build_model(spec, num_classes=num_classes, **backbone_args)
-    load_checked(model, state, where, allow_new_head=num_classes is not None)
+    model = _load_into_new_model(spec, lambda: read_verified(weights_path, info.get("sha256"),
+                                                             where),
+                                 where, num_classes=num_classes,
+                                 backbone_args=backbone_args,
+                                 allow_new_head=num_classes is not None)
     model.attnzoo_weights = {**{k: v for k, v in info.items() if k not in ("file",)},
                              "loaded_from": source}
     return model
@@ -418,10 +623,11 @@ def _unpinned(entry: WeightsEntry) -> list[str]:
     return [k for k in needed if getattr(entry, k) is None]
 
 
-def load_zoo_weights(model: nn.Module, spec: ModelSpec, pretrained: bool | str) -> None:
-    """Load the zoo weights that ``pretrained`` picks for ``spec`` into ``model``: look up
-    the manifest, download (or find the embedded file), verify, then load strictly.
-    On any problem a WeightsError is raised and the model is left untouched."""
+def _zoo_file(spec: ModelSpec, pretrained: bool | str
+              ) -> tuple[str, WeightsEntry, Callable[[], dict[str, torch.Tensor]], str]:
+    """(tag, entry, reader, where) of the zoo weights that ``pretrained`` picks for
+    ``spec``: the file is found (downloaded if needed) now; ``reader()`` returns its
+    verified state dict in attnzoo's layout."""
     tag, entry = resolve_zoo_weights(spec.name, pretrained)
     where = f"weights {spec.name}.{tag}"
     if not entry.pinned:
@@ -433,16 +639,52 @@ def load_zoo_weights(model: nn.Module, spec: ModelSpec, pretrained: bool | str) 
         path = weights_dir() / entry.file
     else:
         path = hub_download(entry.repo, entry.file, entry.revision, where)
-    state = read_verified(path, entry.sha256, f"{where} ({entry.file})")
-    if entry.format == "timm":
-        from .convert import from_timm
+    where = f"{where} ({entry.file})"
 
-        state = from_timm(spec.name, state)
-    n_model = getattr(model, "num_classes", None)
-    new_head = entry.num_classes is not None and n_model is not None and (
-        n_model != entry.num_classes)
-    load_checked(model, state, f"{where} ({entry.file})", allow_new_head=new_head)
+    def reader() -> dict[str, torch.Tensor]:
+        state = read_verified(path, entry.sha256, where)
+        if entry.format == "timm":
+            from .convert import from_timm
+
+            state = from_timm(spec.name, state)
+        return state
+
+    return tag, entry, reader, where
+
+
+def _needs_new_head(entry: WeightsEntry, num_classes: int | None) -> bool:
+    return entry.num_classes is not None and num_classes is not None and (
+        num_classes != entry.num_classes)
+
+
+def load_zoo_weights(model: nn.Module, spec: ModelSpec, pretrained: bool | str) -> None:
+    """Load the zoo weights that ``pretrained`` picks for ``spec`` into an existing
+    ``model``: look up the manifest, download (or find the embedded file), verify, then
+    load strictly (copying into the model's tensors). On any problem a WeightsError is
+    raised and the model is left untouched. :func:`create_pretrained` is the fast way
+    to build and load in one go."""
+    tag, entry, reader, where = _zoo_file(spec, pretrained)
+    new_head = _needs_new_head(entry, getattr(model, "num_classes", None))
+    load_checked(model, reader(), where, allow_new_head=new_head)
     model.attnzoo_weights = {"tag": tag, **entry.model_dump(exclude_defaults=True)}
+
+
+def create_pretrained(spec: ModelSpec, pretrained: bool | str, num_classes: int | None = None,
+                      **backbone_args: Any) -> nn.Module:
+    """Build zoo model ``spec`` with the weights ``pretrained`` picks, verified first.
+
+    The model is built with its parameters on the meta device and the file's tensors
+    are assigned to it (``load_state_dict(assign=True)``): no random initialisation of
+    weights that are about to be overwritten, and no second copy of them in memory.
+    With ``num_classes`` other than the weights', the classifier is initialised as a
+    normal build would and everything else is loaded (with a warning).
+    """
+    tag, entry, reader, where = _zoo_file(spec, pretrained)
+    model = _load_into_new_model(
+        spec, reader, where, num_classes=num_classes, backbone_args=backbone_args,
+        allow_new_head=lambda m: _needs_new_head(entry, getattr(m, "num_classes", None)))
+    model.attnzoo_weights = {"tag": tag, **entry.model_dump(exclude_defaults=True)}
+    return model
 
 
 # ---------------------------------------------------------------------------- saving
@@ -578,8 +820,10 @@ def push_to_hub(model: nn.Module, repo_id: str, *, revision: str | None = None,
 
 
 __all__ = [
-    "WeightsEntry", "WeightsManifest", "classifier_names", "create_from_source",
+    "WeightsEntry", "WeightsManifest", "build_for_weights", "classifier_names",
+    "create_from_source", "create_pretrained", "finish_weights_build",
     "is_pretrained_source", "list_pretrained", "load_checked", "load_manifest",
-    "load_zoo_weights", "push_to_hub", "read_saved_spec", "read_verified",
-    "resolve_zoo_weights", "save_pretrained", "sha256_of", "write_safetensors",
+    "load_zoo_weights", "meta_tensors", "parameters_on_meta", "push_to_hub",
+    "read_saved_spec", "read_verified", "resolve_zoo_weights", "save_pretrained",
+    "sha256_of", "write_safetensors",
 ]
