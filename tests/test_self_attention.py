@@ -7,6 +7,8 @@ same weights), and the zoo specs that use them build, train and start as their b
 
 from __future__ import annotations
 
+import collections
+
 import pytest
 import timm
 import torch
@@ -300,6 +302,33 @@ def test_papers_that_say_so_start_as_the_identity(name):
     torch.testing.assert_close(m(x), x)
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops a forward pass dispatches, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ALL_BLOCKS)
+def test_blocks_run_the_same_ops_at_every_map_size(name):
+    # No Python loop over positions, rows or windows: a 3x larger map dispatches exactly
+    # the same kernels, the same number of times (outlook: unfold/fold = im2col/col2im).
+    m = block(name, 24, size=(6, 6)).eval()
+    counts = []
+    for size in ((8, 8), (12, 24)):
+        with _OpCounter() as counter, torch.no_grad():
+            m(torch.randn(1, 24, *size))
+        counts.append(counter.ops)
+    assert counts[0] == counts[1]
+    if name == "outlook":
+        assert counts[0]["aten.im2col"] == 1 and counts[0]["aten.col2im"] == 1
+
+
 @pytest.mark.parametrize("name", ALL_BLOCKS)
 def test_blocks_export_and_compile_without_graph_breaks(name):
     m = block(name, 24, size=(6, 6)).eval()
@@ -366,7 +395,9 @@ EXACT = {
                                        for n, c in ((3, 64), (4, 128), (6, 256), (3, 512))),
 }
 IDENTITY_SPECS = ["resnet50_nl", "resnet50_dnl", "resnet50_cca", "resnet50_a2",
-                  "resnet50_psa_p"]  # residual blocks; PSA (a gate) is blended by the builder
+                  "resnet50_psa_p", "resnet50_psa_s"]  # PSA (a gate) is blended by the builder
+# the papers' own init is the identity (zero BN weight, gamma = 0): no zero_init needed
+PAPER_IDENTITY_SPECS = ["resnet50_nl", "resnet50_dnl", "resnet50_cca"]
 
 
 def build(name: str, **kwargs) -> torch.nn.Module:
@@ -417,6 +448,21 @@ def test_zero_init_gives_the_bare_backbone_logits(name):
     result = model.load_state_dict(bare.state_dict(), strict=False)
     assert not result.unexpected_keys
     assert all(".attnzoo_" in k for k in result.missing_keys)
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(model.eval()(x), bare.eval()(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", PAPER_IDENTITY_SPECS)
+def test_zoo_spec_as_shipped_gives_the_bare_backbone_logits(name):
+    model = attnzoo.create_model(name)
+    assert not any(ins.zero_init for ins in model.attnzoo_spec.insert)
+    bare = timm.create_model("resnet50")
+    with torch.no_grad():
+        for m in bare.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_var.uniform_(0.5, 1.5)
+    model.load_state_dict(bare.state_dict(), strict=False)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(model.eval()(x), bare.eval()(x), atol=1e-5, rtol=1e-5)
 
