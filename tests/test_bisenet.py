@@ -35,16 +35,16 @@ def test_arm_swapped_for_cbam_from_yaml(tmp_path):
     path.write_text("name: bisenet_cbam\nbackbone:\n  source: attnzoo\n  name: bisenetv1\n"
                     "  args: {arm: {type: cbam, reduction: 8}}\nnum_classes: 5\n")
     model = attnzoo.create_model(path)
-    assert isinstance(model.arm32, CBAM) and isinstance(model.arm16, CBAM)
+    assert isinstance(model.context_head.arm32, CBAM) and isinstance(model.context_head.arm16, CBAM)
     assert not any(isinstance(m, AttentionRefinement) for m in model.modules())
-    assert model.arm16.channel.fc1.out_channels == 128 // 8
+    assert model.context_head.arm16.channel.fc1.out_channels == 128 // 8
     assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 5, 64, 64)
 
 
 def test_default_arm_and_ffm_are_the_papers_modules():
     model = attnzoo.create_model("bisenetv1_resnet18")
-    assert isinstance(model.arm32, AttentionRefinement)
-    assert isinstance(model.arm16, AttentionRefinement)
+    assert isinstance(model.context_head.arm32, AttentionRefinement)
+    assert isinstance(model.context_head.arm16, AttentionRefinement)
     assert isinstance(model.ffm, FeatureFusion)
 
 

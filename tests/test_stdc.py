@@ -124,7 +124,7 @@ def test_blocks_insert_by_stage_into_stdc():
 def test_stdc1_seg_outputs_maps_at_input_size_and_detail_logits_in_training():
     model = attnzoo.create_model("stdc1_seg", num_classes=7)
     assert isinstance(model, STDCSeg)
-    assert isinstance(model.arm32, AttentionRefinement)
+    assert isinstance(model.context_head.arm32, AttentionRefinement)
     assert isinstance(model.ffm, FeatureFusion)
     assert model.ffm.fc1.out_channels == 256 // 4     # STDC's FFM reduces by 4
     x = torch.randn(2, 3, 64, 64)
@@ -146,7 +146,7 @@ def test_stdc_seg_attention_modules_are_spec_fields():
     model = attnzoo.create_model({
         "name": "stdc1_seg_cbam", "backbone": {
             "source": "attnzoo", "name": "stdc_seg", "args": {"arm": {"type": "cbam"}}}})
-    assert type(model.arm16).__name__ == "CBAM"
+    assert type(model.context_head.arm16).__name__ == "CBAM"
     with pytest.raises(attnzoo.SpecError, match="backbone.args.ffm"):
         attnzoo.create_model({"name": "bad", "backbone": {
             "source": "attnzoo", "name": "stdc_seg", "args": {"ffm": {"type": "ffm", "x": 1}}}})

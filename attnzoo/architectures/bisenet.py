@@ -184,6 +184,41 @@ class SpatialPath(nn.Sequential):
         )
 
 
+class ContextRefinement(nn.Module):
+    """The context path's attention head, as BiSeNet has it and STDC-Seg reuses it: the
+    1/32 features pass through an ARM, gain the global-average context and are
+    upsampled to 1/16; the 1/16 features pass through an ARM, gain that, and are
+    upsampled to ``out_size``. Each sum is refined by a 3x3 conv-BN-ReLU after the
+    upsampling. ``arm`` is a block config (any one-map block can stand in)."""
+
+    def __init__(self, c16: int, c32: int, channels: int, arm: Any,
+                 input_size: tuple[int, int, int],
+                 mode: Literal["nearest", "bilinear"] = "nearest") -> None:
+        super().__init__()
+        self.mode = mode
+        self.global_context = ConvBNReLU(c32, channels, 1)
+        self.reduce32 = ConvBNReLU(c32, channels, 3)
+        self.reduce16 = ConvBNReLU(c16, channels, 3)
+        arm = arm if arm is not None else {"type": "arm"}
+        self.arm32 = build_arch_block(arm, "backbone.args.arm", Site(
+            channels=channels, size=feature_size(input_size, 32)))
+        self.arm16 = build_arch_block(arm, "backbone.args.arm", Site(
+            channels=channels, size=feature_size(input_size, 16)))
+        self.refine32 = ConvBNReLU(channels, channels, 3)
+        self.refine16 = ConvBNReLU(channels, channels, 3)
+
+    def _up(self, x: torch.Tensor, size: Any) -> torch.Tensor:
+        return resize(x, size) if self.mode == "bilinear" else F.interpolate(x, size=size)
+
+    def forward(self, c16: torch.Tensor, c32: torch.Tensor, out_size: Any
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(refined 1/32 context at 1/16, refined 1/16 context at ``out_size``)."""
+        tail = self.global_context(c32.mean((2, 3), keepdim=True))
+        f32 = self.refine32(self._up(self.arm32(self.reduce32(c32)) + tail, c16.shape[-2:]))
+        f16 = self.refine16(self._up(self.arm16(self.reduce16(c16)) + f32, out_size))
+        return f32, f16
+
+
 class BiSeNetV1(nn.Module):
     """BiSeNet V1. ``forward`` returns logits (N, classes, H, W) at the input size; in
     training mode it returns the tuple ``(logits, aux16, aux8)``: the main output and
@@ -202,16 +237,7 @@ class BiSeNetV1(nn.Module):
                                               out_indices=(3, 4), in_chans=in_chans)
         c16, c32 = self.context_path.feature_info.channels()
         cc = context_channels
-        self.global_context = ConvBNReLU(c32, cc, 1)
-        self.reduce32 = ConvBNReLU(c32, cc, 3)
-        self.reduce16 = ConvBNReLU(c16, cc, 3)
-        arm = arm if arm is not None else {"type": "arm"}
-        self.arm32 = build_arch_block(arm, "backbone.args.arm", Site(
-            channels=cc, size=feature_size(input_size, 32)))
-        self.arm16 = build_arch_block(arm, "backbone.args.arm", Site(
-            channels=cc, size=feature_size(input_size, 16)))
-        self.refine32 = ConvBNReLU(cc, cc, 3)
-        self.refine16 = ConvBNReLU(cc, cc, 3)
+        self.context_head = ContextRefinement(c16, c32, cc, arm, input_size, mode="bilinear")
         self.ffm = build_arch_block(
             ffm if ffm is not None else {"type": "ffm"}, "backbone.args.ffm",
             Site(channels=spatial_channels + cc, out_channels=fusion_channels,
@@ -229,9 +255,7 @@ class BiSeNetV1(nn.Module):
         size = x.shape[-2:]
         spatial = self.spatial_path(x)
         c16, c32 = self.context_path(x)
-        tail = self.global_context(c32.mean((2, 3), keepdim=True))
-        f32 = self.refine32(resize(self.arm32(self.reduce32(c32)) + tail, c16.shape[-2:]))
-        f16 = self.refine16(resize(self.arm16(self.reduce16(c16)) + f32, spatial.shape[-2:]))
+        f32, f16 = self.context_head(c16, c32, spatial.shape[-2:])
         logits = resize(self.head(self.ffm(spatial, f16)), size)
         if not self.training:
             return logits

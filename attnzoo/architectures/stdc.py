@@ -33,7 +33,7 @@ from torch import nn
 from ..blocks.base import BlockConfig, Site
 from ..errors import SpecError
 from ..registry import register_architecture, register_block
-from .bisenet import ConvBNReLU, build_arch_block, feature_size
+from .bisenet import ContextRefinement, ConvBNReLU, build_arch_block, feature_size
 
 VARIANTS = {"stdc1": (2, 2, 2), "stdc2": (4, 5, 3)}
 
@@ -261,16 +261,7 @@ class STDCSeg(nn.Module):
         self.backbone = STDCNet(layers, in_chans=in_chans, features_only=True)
         _, _, c8, c16, c32 = self.backbone.stage_channels
         cc = context_channels
-        self.global_context = ConvBNReLU(c32, cc, 1)
-        self.reduce32 = ConvBNReLU(c32, cc, 3)
-        self.reduce16 = ConvBNReLU(c16, cc, 3)
-        arm = arm if arm is not None else {"type": "arm"}
-        self.arm32 = build_arch_block(arm, "backbone.args.arm", Site(
-            channels=cc, size=feature_size(input_size, 32)))
-        self.arm16 = build_arch_block(arm, "backbone.args.arm", Site(
-            channels=cc, size=feature_size(input_size, 16)))
-        self.refine32 = ConvBNReLU(cc, cc, 3)
-        self.refine16 = ConvBNReLU(cc, cc, 3)
+        self.context_head = ContextRefinement(c16, c32, cc, arm, input_size)
         self.ffm = build_arch_block(
             ffm if ffm is not None else {"type": "ffm", "reduction": 4}, "backbone.args.ffm",
             Site(channels=c8 + cc, out_channels=fusion_channels,
@@ -288,13 +279,7 @@ class STDCSeg(nn.Module):
     def forward(self, x: torch.Tensor):
         size = x.shape[-2:]
         _, _, f8, f16, f32 = self.backbone(x)
-        tail = self.global_context(f32.mean((2, 3), keepdim=True))
-        ctx32 = F.interpolate(self.arm32(self.reduce32(f32)) + tail, size=f16.shape[-2:],
-                              mode="nearest")
-        ctx32 = self.refine32(ctx32)                                  # 1/16
-        ctx16 = F.interpolate(self.arm16(self.reduce16(f16)) + ctx32, size=f8.shape[-2:],
-                              mode="nearest")
-        ctx16 = self.refine16(ctx16)                                  # 1/8
+        ctx32, ctx16 = self.context_head(f16, f32, f8.shape[-2:])  # at 1/16 and 1/8
         logits = _upsample(self.head(self.ffm(f8, ctx16)), size)
         if not self.training:
             return logits
