@@ -45,22 +45,42 @@ def stage_and_block(path: str) -> tuple[int | None, int | None]:
     return None, None
 
 
-def glob_to_regex(pattern: str) -> re.Pattern[str]:
-    """Dotted glob -> regex: ``*`` one segment (or part of one), ``**`` any segments."""
-    parts = []
+def _segment_match(pattern: str, name: str) -> bool:
+    """One path segment against a glob segment (``*`` any run, ``?`` one character), in
+    O(len(pattern) * len(name)) time: no regex, so no catastrophic backtracking on a
+    pattern like ``*a*a*a*a*a*a*a*a*b`` from a stranger's spec."""
+    i = j = 0
+    star, mark = -1, 0
+    while j < len(name):
+        if i < len(pattern) and pattern[i] == "*":
+            star, mark = i, j
+            i += 1
+        elif i < len(pattern) and pattern[i] in ("?", name[j]):
+            i += 1
+            j += 1
+        elif star >= 0:
+            i, mark = star + 1, mark + 1
+            j = mark
+        else:
+            return False
+    return all(ch == "*" for ch in pattern[i:])
+
+
+def glob_match(pattern: str, path: str) -> bool:
+    """Whether a dotted module path matches a dotted glob: ``*`` and ``?`` within one
+    segment, a ``**`` segment for any number of segments (zero included, so ``a.**.b``
+    matches ``a.b``). Linear in segments x pattern segments."""
+    names = path.split(".")
+    reach = {0}  # how many path segments the pattern so far can consume
     for segment in pattern.split("."):
         if segment == "**":
-            parts.append(r"(?:[^.]+(?:\.[^.]+)*)?")
+            reach = set(range(min(reach), len(names) + 1)) if reach else set()
         else:
-            parts.append("".join(
-                "[^.]*" if ch == "*" else "[^.]" if ch == "?" else re.escape(ch)
-                for ch in segment
-            ))
-    regex = r"\.".join(parts)
-    # `a.**.b` must also match `a.b`: let a `**` segment swallow its dot.
-    regex = regex.replace(r"\.(?:[^.]+(?:\.[^.]+)*)?", r"(?:\.[^.]+)*")
-    regex = regex.replace(r"(?:[^.]+(?:\.[^.]+)*)?\.", r"(?:[^.]+\.)*")
-    return re.compile(rf"^{regex}$")
+            reach = {i + 1 for i in reach
+                     if i < len(names) and _segment_match(segment, names[i])}
+        if not reach:
+            return False
+    return len(names) in reach
 
 
 def _keep(path: str, insertion: Insertion) -> bool:
@@ -99,8 +119,7 @@ def resolve_sites(model: nn.Module, insertion: Insertion, where: str) -> list[Si
     insertion in errors (e.g. 'resnet50_cbam: insert[0]')."""
     modules = dict(model.named_modules())
     if isinstance(insertion.at, SiteSelector):
-        regex = glob_to_regex(insertion.at.path)
-        matched = [p for p in modules if p and regex.match(p)]
+        matched = [p for p in modules if p and glob_match(insertion.at.path, p)]
         if not matched:
             close = difflib.get_close_matches(insertion.at.path, [p for p in modules if p], n=5,
                                               cutoff=0.4)

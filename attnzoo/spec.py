@@ -1,18 +1,28 @@
 """Pydantic models of a spec: which backbone, which blocks, and where they go.
 
-A spec is data only. It is read with ``yaml.safe_load``; it names registered
-blocks and backbones, never a Python path; nothing in it is evaluated.
+A spec is data only. It is read with a stricter ``yaml.SafeLoader`` (plain YAML
+values only: no Python or other tags, no repeated keys, no alias bombs); it names
+registered blocks and backbones, never a Python path; nothing in it is evaluated.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from .blocks import block_union
 from .errors import SpecError
@@ -44,6 +54,21 @@ class BackboneSpec(_Strict):
         description="Keyword arguments forwarded to the backbone factory (plain YAML values).",
     )
 
+    @field_validator("name")
+    @classmethod
+    def _registered_architecture(cls, name: str, info: ValidationInfo) -> str:
+        # timm names are checked when the backbone is built (timm's registry depends on the
+        # installed version); attnzoo's own are known now, so the error can point at the line.
+        if info.data.get("source") == "attnzoo":
+            from .registry import architectures, did_you_mean
+
+            archs = architectures()
+            if name not in archs:
+                raise ValueError(f"unknown attnzoo architecture {name!r}"
+                                 f"{did_you_mean(name, archs)}; attnzoo has "
+                                 f"{', '.join(archs)}")
+        return name
+
     @field_validator("args")
     @classmethod
     def _no_loading_args(cls, args: dict[str, Any]) -> dict[str, Any]:
@@ -60,7 +85,8 @@ class SiteSelector(_Strict):
     """A site by module path: a dotted glob where ``*`` matches one path segment
     and ``**`` any number of segments (``layer3.*`` = the blocks of layer3)."""
 
-    path: str = Field(description="Dotted module-path glob, e.g. 'layer3.*' or '**.conv2'.")
+    path: str = Field(description="Dotted module-path glob, e.g. 'layer3.*' or '**.conv2'.",
+                      min_length=1, max_length=256)
     position: Position = Field(
         "after", description="Insert after the module, before it, or replace it."
     )
@@ -110,10 +136,7 @@ class ModelSpec(_Strict):
     def from_yaml(cls, source: str | os.PathLike[str]) -> ModelSpec:
         """Read a spec from YAML text or from a ``.yaml``/``.yml`` file path."""
         text, origin = _read_source(source)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SpecError(f"{origin}: not valid YAML (safe subset): {exc}") from None
+        data = load_yaml(text, origin)
         if not isinstance(data, dict):
             raise SpecError(f"{origin}: a spec must be a YAML mapping, got {type(data).__name__}")
         return cls.from_dict(data, origin=origin, text=text)
@@ -132,6 +155,123 @@ class ModelSpec(_Strict):
         return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
 
 
+# ------------------------------------------------------------------------------ YAML
+
+#: Most YAML nodes a spec may expand to, counting every use of an alias. Zoo specs have
+#: a few dozen; aliases that multiply (a "billion laughs") would otherwise blow up in
+#: model_dump / to_yaml / comparisons long after loading.
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 64
+_TIMESTAMP = "tag:yaml.org,2002:timestamp"
+_NOT_PLAIN = ("binary", "set", "omap", "pairs", "timestamp")
+
+
+class SpecLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for specs, stricter still: only JSON-like values (mappings,
+    lists, strings, numbers, booleans, null). Python tags and unknown tags are refused
+    (SafeLoader already), and so are ``!!binary``, ``!!set``, ``!!omap``, ``!!pairs`` and
+    ``!!timestamp``; an unquoted date stays a string; a key given twice is an error."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` may be overridden by the mapping's own keys
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: SafeLoader reports it
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found the key {key!r} twice (first on line {first})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+    def fetch_flow_collection_start(self, TokenClass: type) -> None:  # noqa: N803
+        # PyYAML's scanner slows down quadratically with the flow level (seconds for a
+        # line of `[`); a spec is a few levels deep.
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise yaml.scanner.ScannerError(
+                None, None, f"[ and {{ nested more than {MAX_YAML_DEPTH} deep", self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+    def _refuse_tag(self, node: yaml.Node) -> None:
+        raise yaml.constructor.ConstructorError(
+            None, None, f"tag {node.tag!r} is not allowed in a spec: plain YAML values only "
+            "(mappings, lists, strings, numbers, booleans, null)", node.start_mark)
+
+
+SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _TIMESTAMP]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _name in _NOT_PLAIN:
+    SpecLoader.add_constructor(f"tag:yaml.org,2002:{_name}", SpecLoader._refuse_tag)
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Nodes in the document with every alias expanded (memoised per node, so a bomb
+    is measured without being expanded); raises ValueError on a recursive alias."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        else:
+            children = []
+        if done:
+            active.discard(key)
+            sizes[key] = min(limit + 1, 1 + sum(sizes[id(c)] for c in children))
+            continue
+        if key in sizes:
+            continue
+        if key in active:
+            raise ValueError(f"recursive alias at line {node.start_mark.line + 1}")
+        active.add(key)
+        stack.append((node, True))
+        for child in children:
+            if id(child) in active:
+                raise ValueError(f"recursive alias at line {child.start_mark.line + 1}")
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def load_yaml(text: str, origin: str = "spec") -> Any:
+    """Read one YAML document with :class:`SpecLoader`; any problem is a SpecError that
+    names ``origin``. Use this (not ``yaml.safe_load``) for anything a stranger wrote."""
+    try:
+        loader = SpecLoader(text)  # the reader refuses control characters here
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{origin}: not valid YAML (safe subset): {exc}") from None
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node, MAX_YAML_NODES)
+        if size > MAX_YAML_NODES:
+            raise SpecError(f"{origin}: YAML expands to more than {MAX_YAML_NODES} nodes "
+                            "(aliases that multiply); a spec is small")
+        return loader.construct_document(node)
+    except SpecError:
+        raise
+    except (yaml.YAMLError, ValueError) as exc:  # ValueError: recursive alias, huge int
+        raise SpecError(f"{origin}: not valid YAML (safe subset): {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{origin}: YAML nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
     if isinstance(source, os.PathLike) or (
         isinstance(source, str) and "\n" not in source
@@ -142,6 +282,8 @@ def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
             return path.read_text(encoding="utf-8"), str(path)
         except OSError as exc:
             raise SpecError(f"cannot read spec file {path}: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise SpecError(f"{path}: a spec file is UTF-8 text: {exc}") from None
     return str(source), "spec"
 
 
@@ -152,8 +294,65 @@ def format_validation_error(exc: ValidationError, origin: str, text: str | None 
         loc = _loc_path(err["loc"])
         line = _yaml_line(text, err["loc"]) if text else None
         where = f"{loc} (line {line})" if line else loc or "<root>"
-        lines.append(f"  {where}: {err['msg']}")
+        lines.append(f"  {where}: {_message(err)}")
     return "\n".join(lines)
+
+
+def _message(err: dict[str, Any]) -> str:
+    """Pydantic's message, with close matches for an unknown block type or field."""
+    from .registry import did_you_mean
+
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "union_tag_invalid":
+        tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
+        tag = str(ctx.get("tag", ""))
+        return (f"unknown block type {tag!r}{did_you_mean(tag, tags)}; the registered types "
+                f"are {', '.join(tags)}")
+    if kind == "extra_forbidden" and err["loc"]:
+        fields = _fields_at(err["loc"][:-1])
+        name = str(err["loc"][-1])
+        if fields:
+            return (f"unknown field {name!r}{did_you_mean(name, fields)}; the fields here are "
+                    f"{', '.join(fields)}")
+        return f"unknown field {name!r}"
+    return err["msg"]
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The alternatives of an annotation: Annotated and unions unwrapped."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _members(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [m for arg in typing.get_args(annotation) for m in _members(arg)]
+    return [annotation]
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the model that ``loc`` (a Pydantic error location in a
+    ModelSpec) points into, or [] when the path does not lead to one model."""
+    current: list[Any] = [ModelSpec]
+    for part in loc:
+        following: list[Any] = []
+        for member in (m for a in current for m in _members(a)):
+            if isinstance(member, type) and issubclass(member, BaseModel):
+                if part in member.model_fields:
+                    following.append(member.model_fields[part].annotation)
+                elif part == member.__name__ or part == _block_tag(member):
+                    following.append(member)  # the union member Pydantic tried
+            elif typing.get_origin(member) in (list, tuple) and isinstance(part, int):
+                following.extend(typing.get_args(member)[:1])
+        current = following
+    models = {m for a in current for m in _members(a)
+              if isinstance(m, type) and issubclass(m, BaseModel)}
+    if len(models) != 1:
+        return []
+    return [f for f in models.pop().model_fields if f != "type"]
+
+
+def _block_tag(model: type[BaseModel]) -> str | None:
+    block_type = getattr(model, "block_type", None)
+    return block_type() if callable(block_type) else None
 
 
 def _loc_path(loc: tuple[Any, ...]) -> str:
@@ -173,8 +372,8 @@ def _loc_path(loc: tuple[Any, ...]) -> str:
 def _yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
     """The 1-based line of the deepest YAML node along ``loc``."""
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+        node = yaml.compose(text, Loader=SpecLoader)
+    except (yaml.YAMLError, RecursionError):
         return None
     found = node.start_mark.line + 1 if node is not None else None
     for part in loc:
