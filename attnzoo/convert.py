@@ -42,6 +42,21 @@ _SK_RESNET_RENAMES = [
     (r"^(layer\d+\.\d+\.conv\d)\.attn\.", r"\1."),
 ]
 
+# timm's ResNet built with ``block_args=dict(attn_layer=...)`` holds the attention in
+# the `se` slot of each block: after the last BN, before the add (attnzoo's `residual`).
+_SE_SLOT = (r"^(layer\d+\.\d+)\.se\.", r"\1.bn3.attnzoo_after.")
+
+
+def _zero_cbam_mlp_biases(state_dict: StateDict) -> StateDict:
+    """timm's CBAM channel MLP has no biases, the paper's has; zero biases compute the
+    same function, so the zoo model (biases on, as in the paper) loads strictly."""
+    out = dict(state_dict)
+    for key, weight in state_dict.items():
+        if re.search(r"\.channel\.fc[12]\.weight$", key):
+            out.setdefault(key[: -len("weight")] + "bias", weight.new_zeros(weight.shape[0]))
+    return out
+
+
 TIMM_EQUIVALENTS: dict[str, TimmEquivalent] = {
     # Selective Kernel: timm skresnet18/34 (split input, d = max(C/8, 16)) and
     # skresnext50_32x4d (the paper's SKNet-50).
@@ -50,8 +65,17 @@ TIMM_EQUIVALENTS: dict[str, TimmEquivalent] = {
     "resnet50_sk": TimmEquivalent("skresnext50_32x4d", renames=_SK_RESNET_RENAMES),
     # timm's SE-ResNet-50 puts SE in the `se` slot of each bottleneck: after bn3,
     # before the add -- attnzoo's `residual` site.
-    "resnet50_se": TimmEquivalent(
-        "seresnet50", renames=[(r"^(layer\d+\.\d+)\.se\.", r"\1.bn3.attnzoo_after.")]
+    "resnet50_se": TimmEquivalent("seresnet50", renames=[_SE_SLOT]),
+    "resnet50_eca": TimmEquivalent("resnet50", renames=[_SE_SLOT],
+                                   timm_args={"block_args": {"attn_layer": "eca"}}),
+    # timm's CbamModule: spatial conv and BN in one ConvNormAct (`spatial.conv.conv`,
+    # `spatial.conv.bn`), attnzoo's in `spatial.conv` and `spatial.bn`.
+    "resnet50_cbam": TimmEquivalent(
+        "resnet50",
+        renames=[(r"\.se\.spatial\.conv\.conv\.", ".se.spatial.conv."),
+                 (r"\.se\.spatial\.conv\.bn\.", ".se.spatial.bn."), _SE_SLOT],
+        transform=_zero_cbam_mlp_biases,
+        timm_args={"block_args": {"attn_layer": "cbam"}},
     ),
     # VOLO-D1: attnzoo's `outlook` replaces timm's OutlookAttention at the same path and
     # keeps its parameter names (v, attn, proj), so the keys need no rename.

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import attnzoo
-from attnzoo.convert import from_timm
+from attnzoo.convert import TIMM_EQUIVALENTS, from_timm
 
 # name -> (inserted blocks, parameters reported by the paper, in millions)
 PAPER = {
@@ -43,17 +43,27 @@ def test_list_models_pattern():
     assert set(PAPER) <= set(attnzoo.list_models())
 
 
-def test_from_timm_seresnet50_loads_strictly_with_equal_outputs():
-    peer = timm.create_model("seresnet50").eval()
-    for m in peer.modules():  # un-zero timm's last BNs so SE matters
+@pytest.mark.parametrize("name, peer_name, peer_args", [
+    ("resnet50_se", "seresnet50", {}),
+    ("resnet50_eca", "resnet50", {"block_args": {"attn_layer": "eca"}}),
+    ("resnet50_cbam", "resnet50", {"block_args": {"attn_layer": "cbam"}}),
+])
+def test_from_timm_loads_strictly_with_equal_outputs(name, peer_name, peer_args):
+    torch.manual_seed(0)
+    peer = timm.create_model(peer_name, **peer_args).eval()
+    for m in peer.modules():  # un-zero timm's last BNs so the attention matters
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-    model = attnzoo.create_model("resnet50_se").eval()
-    model.load_state_dict(from_timm("resnet50_se", peer.state_dict()), strict=True)
+            m.running_mean.uniform_(-0.1, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    eq = TIMM_EQUIVALENTS[name]
+    assert (eq.timm_name, dict(eq.timm_args)) == (peer_name, peer_args)
+    model = attnzoo.create_model(name).eval()
+    model.load_state_dict(from_timm(name, peer.state_dict()), strict=True)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(model(x), peer(x), atol=1e-5, rtol=1e-5)
 
 
 def test_from_timm_unknown_model_is_a_weights_error():
     with pytest.raises(attnzoo.WeightsError, match="no timm equivalent"):
-        from_timm("resnet50_cbam", {})
+        from_timm("resnet50_simam", {})
