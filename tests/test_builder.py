@@ -232,3 +232,18 @@ def test_a_model_built_with_non_yaml_args_is_not_saved(tmp_path):
     with pytest.raises(attnzoo.AttnZooError, match=r"\['act_layer'\].*not plain YAML"):
         attnzoo.save_pretrained(model, tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
+
+
+@pytest.mark.parametrize("name", ["resnet50_cbam", "resnet50_gc"])
+def test_spec_file_by_path_builds_the_zoo_model(tmp_path, name):
+    path = tmp_path / "mine.yaml"
+    path.write_text(attnzoo.load_spec(name).to_yaml())
+    from_file = attnzoo.create_model(path).state_dict()
+    from_name = attnzoo.create_model(name).state_dict()
+    assert {k: v.shape for k, v in from_file.items()} == {
+        k: v.shape for k, v in from_name.items()}
+
+
+def test_resnet50_cbam_forward_with_default_and_custom_classes():
+    assert attnzoo.create_model("resnet50_cbam")(X).shape == (2, 1000)
+    assert attnzoo.create_model("resnet50_cbam", num_classes=10)(X).shape == (2, 10)
