@@ -37,7 +37,8 @@ _FORBIDDEN_BACKBONE_ARGS = {
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf stays inf in to_yaml (JSON mode would write null): spec -> YAML -> spec is lossless.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 class BackboneSpec(_Strict):
