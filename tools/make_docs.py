@@ -19,10 +19,12 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+if TYPE_CHECKING:
+    from torch import nn
+
+    from attnzoo.spec import Insertion, ModelSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "models.md"
@@ -127,7 +129,8 @@ def paper_link(url: str | None) -> str:
     return f"[arXiv:{arxiv}]({url})" if arxiv else f"<{url}>"
 
 
-def _site_text(insertion) -> str:
+def _site_text(insertion: Insertion) -> str:
+    """Where an insertion goes: its alias or path glob and position, then its filters."""
     at = insertion.at
     if isinstance(at, str):
         text = f"at `{at}`"
@@ -164,7 +167,7 @@ def _architecture_blocks(model: nn.Module, inserted: Iterable[str]) -> dict[str,
     return counts
 
 
-def blocks_and_sites(spec, model: nn.Module) -> str:
+def blocks_and_sites(spec: ModelSpec, model: nn.Module) -> str:
     """The "blocks and sites" cell: one line per insertion (its block type, how many
     blocks the builder placed and the spec's site), then the architecture's own blocks."""
     from attnzoo.sites import resolve_sites
@@ -188,20 +191,11 @@ def blocks_and_sites(spec, model: nn.Module) -> str:
     return "<br>".join(parts) if parts else "-"
 
 
-def count_flops(model: nn.Module, input_size: Sequence[int], device: str = "meta") -> int:
-    """FlopCounterMode's total (2 per multiply-add) for one eval-mode forward pass of a
-    batch of one."""
-    model.eval()
-    x = torch.zeros((1, *input_size), device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops()
-
-
 def model_row(name: str) -> ModelRow:
     """Build ``name`` on the meta device and measure it."""
     from attnzoo import load_spec
     from attnzoo.builder import build_model, probe_input_size
+    from attnzoo.cli import count_flops
 
     spec = load_spec(name)
     model = build_model(spec, device="meta")
@@ -216,7 +210,7 @@ def model_row(name: str) -> ModelRow:
         blocks=blocks_and_sites(spec, model),
         params=sum(p.numel() for p in model.parameters()),
         input_size=size,
-        flops=count_flops(model, size),
+        flops=count_flops(model, size)[0],  # the same count as `attnzoo summary`
     )
 
 
