@@ -62,8 +62,9 @@ def block_configs() -> dict[str, type[BlockConfig]]:
 
 def get_block_config(name: str) -> type[BlockConfig]:
     configs = block_configs()
-    if name not in configs:
-        raise SpecError(f"unknown block type {name!r}{did_you_mean(name, configs)}")
+    if not isinstance(name, str) or name not in configs:
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:80] + "..."
+        raise SpecError(f"unknown block type {shown}{did_you_mean(name, configs)}")
     return configs[name]
 
 
@@ -74,12 +75,14 @@ def architectures() -> dict[str, Callable[..., nn.Module]]:
 
 def get_architecture(name: str) -> Callable[..., nn.Module]:
     archs = architectures()
-    if name not in archs:
+    if not isinstance(name, str) or name not in archs:
         raise SpecError(f"unknown attnzoo architecture {name!r}{did_you_mean(name, archs)}")
     return archs[name]
 
 
 def did_you_mean(name: str, choices, n: int = 3) -> str:
     """A ' (did you mean ...?)' suffix listing the closest choices, or ''."""
+    if not isinstance(name, str) or len(name) > 256:
+        return ""  # not a name anyone mistyped
     close = difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""

@@ -49,7 +49,7 @@ class BackboneSpec(_Strict):
         "attnzoo architecture (attnzoo/architectures/)."
     )
     name: str = Field(description="The backbone's registered name, e.g. 'resnet50'.",
-                      pattern=_NAME)
+                      pattern=_NAME, max_length=128)
     args: dict[str, Any] = Field(
         default_factory=dict,
         description="Keyword arguments forwarded to the backbone factory (plain YAML values).",
@@ -113,10 +113,19 @@ class Insertion(_Strict):
     )
 
 
+    @field_validator("at")
+    @classmethod
+    def _short_alias(cls, at: str | SiteSelector) -> str | SiteSelector:
+        if isinstance(at, str) and len(at) > 64:
+            raise ValueError(f"a site alias is a short name, not {len(at)} characters")
+        return at
+
+
 class ModelSpec(_Strict):
     """A whole model: a backbone plus attention blocks and where they go."""
 
-    name: str = Field(description="The model's name, e.g. 'resnet50_cbam'.", pattern=_NAME)
+    name: str = Field(description="The model's name, e.g. 'resnet50_cbam'.", pattern=_NAME,
+                      max_length=128)
     description: str = Field("", description="One line on what the model is.")
     paper: str | None = Field(None, description="The paper the model follows (a URL).")
     backbone: BackboneSpec
@@ -307,15 +316,17 @@ def _message(err: dict[str, Any]) -> str:
     if kind == "union_tag_invalid":
         tags = re.findall(r"'([^']*)'", str(ctx.get("expected_tags", "")))
         tag = str(ctx.get("tag", ""))
-        return (f"unknown block type {tag!r}{did_you_mean(tag, tags)}; the registered types "
+        shown = repr(tag) if len(tag) <= 64 else repr(tag[:64]) + "..."
+        return (f"unknown block type {shown}{did_you_mean(tag, tags)}; the registered types "
                 f"are {', '.join(tags)}")
     if kind == "extra_forbidden" and err["loc"]:
         fields = _fields_at(err["loc"][:-1])
         name = str(err["loc"][-1])
+        shown = repr(name) if len(name) <= 64 else repr(name[:64]) + "..."
         if fields:
-            return (f"unknown field {name!r}{did_you_mean(name, fields)}; the fields here are "
+            return (f"unknown field {shown}{did_you_mean(name, fields)}; the fields here are "
                     f"{', '.join(fields)}")
-        return f"unknown field {name!r}"
+        return f"unknown field {shown}"
     return err["msg"]
 
 
@@ -359,6 +370,8 @@ def _block_tag(model: type[BaseModel]) -> str | None:
 def _loc_path(loc: tuple[Any, ...]) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and len(part) > 64:
+            part = part[:64] + "..."  # a stranger's key, not worth a megabyte of message
         if isinstance(part, int):
             out += f"[{part}]"
         elif isinstance(part, str) and re.fullmatch(r"[A-Za-z_][\w-]*", part):

@@ -365,6 +365,39 @@ def test_site_paths_have_a_length_limit():
                                          "at": {"path": "a" * 10_000}}]})
 
 
+@pytest.mark.parametrize("data", [
+    {"name": "x" * 10**6, "backbone": {"name": "resnet18"}},
+    {"name": "x", "backbone": {"name": "resnet" * 10**5}},
+    {"name": "x", "backbone": {"source": "attnzoo", "name": "tiny" * 10**5}},
+    {"name": "x", "backbone": {"name": "resnet18"},
+     "insert": [{"block": {"type": "se" * 10**5}, "at": "residual"}]},
+    {"name": "x", "backbone": {"name": "resnet18"},
+     "insert": [{"block": {"type": "se", "q" * 10**5: 1}, "at": "residual"}]},
+    {"name": "x", "backbone": {"name": "resnet18"},
+     "insert": [{"block": {"type": "se"}, "at": "residual" * 10**5}]},
+    {"name": "x", "backbone": {"name": "resnet18"}, "q" * 10**5: 1},
+])
+def test_huge_names_are_refused_with_a_short_message(data):
+    """Names have length limits, and a stranger's megabyte-long key or value is not
+    copied (let alone fuzzy-matched) into the error message."""
+    start = time.perf_counter()
+    msg = _error_of(data)
+    assert len(msg) < 2000
+    assert time.perf_counter() - start < 5
+
+
+def _error_of(data) -> str:
+    with pytest.raises(SpecError) as err:
+        attnzoo.create_model(data)
+    return str(err.value)
+
+
+def test_create_block_with_a_non_string_type_is_a_spec_error():
+    for bad in (None, 3, ["se"]):
+        with pytest.raises(SpecError, match="unknown block type"):
+            attnzoo.create_block(bad, 8)
+
+
 def test_failed_build_leaves_the_zoo_usable():
     with pytest.raises(SpecError):
         attnzoo.create_model({"name": "x", "backbone": {"name": "resnet18"},
@@ -488,3 +521,36 @@ def test_the_env_mark_detector_works():
     finally:
         os.unsetenv(ENV_MARK)
     assert not _env_mark_set()
+
+
+# ------------------------------------------------- attnzoo.yaml of a saved folder / Hub
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("saved") / "model"
+    attnzoo.save_pretrained(attnzoo.create_model("resnet18_se", num_classes=3), folder)
+    return folder
+
+
+_SAVED_SPEC_CASES = {
+    "not UTF-8": lambda t: t.encode().replace(b"\nbackbone:", b"\nlicense: caf\xe9\nbackbone:"),
+    "key twice": lambda t: t.replace("\nbackbone:", "\nname: os.system\nbackbone:").encode(),
+    "nested too deeply": lambda t: (t + "tags: " + "[" * 2000 + "]" * 2000 + "\n").encode(),
+    "binary tag": lambda t: t.replace("\nbackbone:", "\nlicense: !!binary aGk=\nbackbone:")
+    .encode(),
+}
+
+
+@pytest.mark.xfail(strict=True, reason="hub.read_saved_spec reads a stranger's attnzoo.yaml "
+                   "with yaml.safe_load and read_text: should use attnzoo.spec.load_yaml "
+                   "(hub.py is not ours to fix; reported)")
+@pytest.mark.parametrize("case", list(_SAVED_SPEC_CASES))
+def test_hostile_attnzoo_yaml_in_a_folder_is_a_spec_error(saved_folder, tmp_path, case):
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes((saved_folder / "model.safetensors").read_bytes())
+    text = (saved_folder / "attnzoo.yaml").read_text()
+    (folder / "attnzoo.yaml").write_bytes(_SAVED_SPEC_CASES[case](text))
+    with pytest.raises(SpecError, match="attnzoo.yaml"):
+        attnzoo.create_model(str(folder))
