@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from .blocks.base import Site
-from .builder import build_model
+from .builder import build_model, convert_sync_batchnorm, reattach_blocks
 from .errors import AttnZooError, SpecError, WeightsError
 from .registry import block_configs, get_block_config
 from .spec import ModelSpec, format_validation_error
@@ -134,8 +134,9 @@ def _check_recordable(model: nn.Module) -> None:
 
 
 __all__ = [
-    "AttnZooError", "ModelSpec", "SpecError", "WeightsError", "__version__", "create_block",
-    "create_model", "list_blocks", "list_models", "load_spec", "push_to_hub", "save_pretrained",
+    "AttnZooError", "ModelSpec", "SpecError", "WeightsError", "__version__",
+    "convert_sync_batchnorm", "create_block", "create_model", "list_blocks", "list_models",
+    "load_spec", "push_to_hub", "reattach_blocks", "save_pretrained",
 ]
 
 # Every zoo spec becomes a timm model name (reads the spec files; builds nothing).

@@ -98,6 +98,35 @@ def _attach(model: nn.Module, path: str, child_name: str, block: nn.Module) -> s
     return f"{path}.{child_name}{index}"
 
 
+def reattach_blocks(model: nn.Module) -> list[str]:
+    """Make every module that holds attnzoo blocks (``attnzoo_before`` /
+    ``attnzoo_after`` children) run them again, after a utility replaced such modules
+    by plain ones that keep the children but not attnzoo's forward (e.g.
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, FrozenBatchNorm conversion).
+    Returns the paths it fixed."""
+    fixed = []
+    for path, module in model.named_modules():
+        before, after = BEFORE in module._modules, AFTER in module._modules
+        if not (before or after):
+            continue
+        cls = type(module)
+        base = getattr(cls, "_attnzoo_base", None)
+        if base is not None and cls is _with_attention_class(base, before, after):
+            continue
+        module.__class__ = _with_attention_class(base or cls, before, after)
+        fixed.append(path)
+    return fixed
+
+
+def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Module:
+    """``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for attnzoo models: the same
+    conversion, with the blocks attached to BatchNorm layers still run (torch's
+    function alone keeps them as children that nothing calls)."""
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
+    reattach_blocks(converted)
+    return converted
+
+
 class _Chain(nn.Sequential):
     """Several blocks attached at the same place, applied in spec order."""
 

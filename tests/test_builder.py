@@ -247,3 +247,21 @@ def test_spec_file_by_path_builds_the_zoo_model(tmp_path, name):
 def test_resnet50_cbam_forward_with_default_and_custom_classes():
     assert attnzoo.create_model("resnet50_cbam")(X).shape == (2, 1000)
     assert attnzoo.create_model("resnet50_cbam", num_classes=10)(X).shape == (2, 10)
+
+
+def test_sync_batchnorm_conversion_keeps_the_blocks_running():
+    model = attnzoo.create_model("resnet18_cbam").eval()
+    for m in model.modules():  # un-zero timm's last BNs so the blocks matter
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+    expected = model(X)
+    # torch's conversion alone keeps the blocks as children that nothing calls
+    plain = torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert not torch.allclose(plain(X), expected)
+    assert len(attnzoo.reattach_blocks(plain)) == 8
+    torch.testing.assert_close(plain(X), expected)
+    synced = attnzoo.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+    assert isinstance(synced.layer1[0].bn2, torch.nn.SyncBatchNorm)
+    assert isinstance(synced.layer1[0].bn2.attnzoo_after, CBAM)
+    torch.testing.assert_close(synced(X), expected)
+    assert attnzoo.reattach_blocks(synced) == []
