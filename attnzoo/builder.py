@@ -138,6 +138,11 @@ def _replace(model: nn.Module, path: str, block: nn.Module) -> str:
     return path
 
 
+# What a backbone factory raises for args it cannot take: an unknown layer name
+# (KeyError), a negative size (RuntimeError, ValueError), a failed assert.
+_BACKBONE_ERRORS = (TypeError, KeyError, ValueError, RuntimeError, AssertionError)
+
+
 def _make_backbone(spec: ModelSpec, num_classes: int | None, extra: dict[str, Any]
                    ) -> nn.Module:
     args = {**spec.backbone.args, **extra}
@@ -148,15 +153,16 @@ def _make_backbone(spec: ModelSpec, num_classes: int | None, extra: dict[str, An
         factory = get_architecture(spec.backbone.name)
         try:
             return factory(**args)
-        except TypeError as exc:
+        except _BACKBONE_ERRORS as exc:
             raise SpecError(f"{where}: bad args {sorted(args)}: {exc}") from None
     if not timm.is_model(spec.backbone.name):
         hint = did_you_mean(spec.backbone.name, timm.list_models())
         raise SpecError(f"{where}: timm has no model {spec.backbone.name!r}{hint}")
     try:
         return timm.create_model(spec.backbone.name, pretrained=False, **args)
-    except TypeError as exc:
-        raise SpecError(f"{where}: bad args {sorted(args)}: {exc}") from None
+    except _BACKBONE_ERRORS as exc:
+        raise SpecError(f"{where}: bad args {sorted(args)}: {type(exc).__name__}: "
+                        f"{exc}") from None
 
 
 def probe_input_size(model: nn.Module, spec: ModelSpec, args: dict[str, Any]
@@ -234,6 +240,7 @@ def build_model(spec: ModelSpec, num_classes: int | None = None, *,
             raise SpecError(f"{where}: zero_init cannot apply to a 'replace' site")
         for site in resolve_sites(model, ins, where):
             plan.append((where, ins.block, site, ins.zero_init))
+    _refuse_sites_inside_replacements(plan)
     input_size = probe_input_size(model, spec, {**spec.backbone.args, **backbone_args})
     shapes = probe(model, {s.path for _, _, s, _ in plan}, input_size) if plan else {}
     inserted: list[InsertedBlock] = []
@@ -276,6 +283,24 @@ def _is_plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
     return False
+
+
+def _refuse_sites_inside_replacements(plan: list[tuple[str, BlockConfig, SiteRef, bool]]
+                                      ) -> None:
+    """A replaced module is gone from the built model: no other site may be it, lie
+    inside it, or hold it."""
+    for i, (where, _, site, _) in enumerate(plan):
+        if site.position != "replace":
+            continue
+        for j, (other_where, _, other, _) in enumerate(plan):
+            if i == j:
+                continue
+            if other.path == site.path or other.path.startswith(site.path + ".") or (
+                    site.path.startswith(other.path + ".")):
+                raise SpecError(
+                    f"{where}: replaces {site.path!r}, and {other_where} uses "
+                    f"{other.path!r} ({other.position}); a replaced module cannot also be, "
+                    "contain or lie inside another site")
 
 
 def _insert(model: nn.Module, where: str, config: BlockConfig, site: SiteRef, zero_init: bool,

@@ -40,7 +40,7 @@ from . import safe_weights
 from .errors import AttnZooError, SpecError, WeightsError
 from .registry import did_you_mean
 from .safe_weights import sha256_file as sha256_of
-from .spec import ModelSpec, format_validation_error
+from .spec import ModelSpec, format_validation_error, load_yaml, read_source
 from .zoo import data_dir
 
 SPEC_FILE = "attnzoo.yaml"
@@ -555,15 +555,12 @@ def hub_download(repo_id: str, filename: str, revision: str | None, where: str) 
 def read_saved_spec(path: str | os.PathLike[str]) -> tuple[ModelSpec, dict[str, Any]]:
     """The spec and the ``weights`` section of an ``attnzoo.yaml``."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML (safe subset): {exc}") from None
+    text, origin = read_source(path)  # a stranger's file: the spec reader's strict loader
+    data = load_yaml(text, origin)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: must be a YAML mapping, got {type(data).__name__}")
     weights = data.pop("weights", None)
-    spec = ModelSpec.from_dict(data, origin=str(path))
+    spec = ModelSpec.from_dict(data, origin=origin, text=text)
     if not isinstance(weights, dict) or "sha256" not in weights:
         raise WeightsError(f"{path}: no `weights: {{file, sha256}}` section; it was not "
                            "written by attnzoo.save_pretrained")

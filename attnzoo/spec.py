@@ -145,7 +145,7 @@ class ModelSpec(_Strict):
     @classmethod
     def from_yaml(cls, source: str | os.PathLike[str]) -> ModelSpec:
         """Read a spec from YAML text or from a ``.yaml``/``.yml`` file path."""
-        text, origin = _read_source(source)
+        text, origin = read_source(source)
         data = load_yaml(text, origin)
         if not isinstance(data, dict):
             raise SpecError(f"{origin}: a spec must be a YAML mapping, got {type(data).__name__}")
@@ -282,7 +282,7 @@ def load_yaml(text: str, origin: str = "spec") -> Any:
         loader.dispose()
 
 
-def _read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
+def read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
     if isinstance(source, os.PathLike) or (
         isinstance(source, str) and "\n" not in source
         and source.endswith((".yaml", ".yml"))

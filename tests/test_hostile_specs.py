@@ -233,8 +233,6 @@ def test_no_spec_string_reaches_eval_exec_compile_or_an_import(tmp_path, monkeyp
     assert not any(TOKEN in m for m in sys.modules)
 
 
-@pytest.mark.xfail(strict=True, reason="builder._make_backbone turns only TypeError into "
-                   "SpecError (builder.py is not ours to fix; reported)")
 @pytest.mark.parametrize("args", [{"act_layer": "no_such_act"}, {"in_chans": -3},
                                   {"norm_layer": "no_such_norm"}])
 def test_bad_backbone_args_are_spec_errors(args):
@@ -542,9 +540,6 @@ _SAVED_SPEC_CASES = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="hub.read_saved_spec reads a stranger's attnzoo.yaml "
-                   "with yaml.safe_load and read_text: should use attnzoo.spec.load_yaml "
-                   "(hub.py is not ours to fix; reported)")
 @pytest.mark.parametrize("case", list(_SAVED_SPEC_CASES))
 def test_hostile_attnzoo_yaml_in_a_folder_is_a_spec_error(saved_folder, tmp_path, case):
     folder = tmp_path / "hostile"

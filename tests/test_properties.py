@@ -186,8 +186,6 @@ REPLACE_COLLISIONS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="builder.py: AttributeError, or the first block is "
-                   "silently dropped while model.attnzoo_blocks still lists it (reported)")
 @pytest.mark.parametrize("insert", list(REPLACE_COLLISIONS.values()),
                          ids=list(REPLACE_COLLISIONS))
 def test_sites_inside_a_replaced_module_are_spec_errors(insert):
