@@ -162,7 +162,14 @@ def bench_throughput(batches: list[int], size: int, repeats: int, compile_pairs:
                         run_model = torch.compile(model) if backend == "compile" else model
                         fns[side] = _step(run_model, x, train)
                     warm = 2 if backend == "compile" else 1  # compile, then one clean run
-                    t = interleaved(fns, repeats, warmup=warm)
+                    try:
+                        t = interleaved(fns, repeats, warmup=warm)
+                    except (ValueError, RuntimeError) as exc:  # e.g. BN on 1x1 at batch 1
+                        rows.append({"zoo": zoo, "peer": _peer_name(peer, kwargs),
+                                     "backend": backend, "mode": "fwd+bwd" if train else "fwd",
+                                     "batch": batch, "error": str(exc).splitlines()[0][:120]})
+                        torch._dynamo.reset()
+                        continue
                     rows.append({"zoo": zoo, "peer": _peer_name(peer, kwargs),
                                  "backend": backend, "mode": "fwd+bwd" if train else "fwd",
                                  "batch": batch, "attnzoo_ips": batch / t["attnzoo"],
@@ -419,8 +426,9 @@ def _kernel_child(args: dict[str, Any]) -> dict[str, Any]:
     x = torch.randn(1, channels, size, size)
     fn = block if args["impl"] == "attnzoo" else lambda t: NAIVE[args["block"]](block, t)
     with torch.no_grad():
-        fn(x)  # warm-up, not counted
-        with PeakMemory() as mem:
+        if args.get("warmup", True):
+            fn(x)  # warm-up, not counted
+        with PeakMemory() as mem:  # without a warm-up, this run is the warm-up
             fn(x)
         times = []
         for _ in range(args["repeats"]):
@@ -456,9 +464,13 @@ def bench_kernels(sizes: list[int], repeats: int, max_bytes: int) -> list[dict[s
                     need = estimated_bytes(name, impl, size) / 2 ** 30
                     row[impl] = {"skipped": f"skipped (needs ~{need:.0f} GiB)"}
                     continue
+                # Large maps take tens of seconds a run on 2 CPU cores: the memory run
+                # is their warm-up, and one timed run follows.
+                big = size >= 96
                 row[impl] = _run_child({"section": "kernels", "block": name, "size": size,
                                         "channels": channels, "impl": impl,
-                                        "repeats": repeats})
+                                        "repeats": 1 if big else repeats,
+                                        "warmup": not big})
             rows.append(row)
             print(f"kernel {name} {size}: {row}", file=sys.stderr, flush=True)
     return rows
@@ -529,6 +541,10 @@ def render(results: dict[str, Any]) -> str:
                 "timm img/s | ratio | goal |",
                 "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | --- |"]
         for r in results["throughput"]:
+            if "error" in r:
+                out.append(f"| {r['zoo']} | {r['peer']} | {r['backend']} | {r['mode']} | "
+                           f"{r['batch']} | - | - | - | not run: {r['error']} |")
+                continue
             goal = ("met" if r["ratio"] >= 0.97 else "missed") if r["mode"] == "fwd" else "-"
             out.append(f"| {r['zoo']} | {r['peer']} | {r['backend']} | {r['mode']} | "
                        f"{r['batch']} | {r['attnzoo_ips']:.2f} | {r['timm_ips']:.2f} | "
@@ -645,7 +661,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the raw results here")
     parser.add_argument("--notes", default=None,
                         help="a text file of notes (one per line) for 'Goals missed, and why'")
-    parser.add_argument("--from-json", default=None, help="render a saved --json, run nothing")
+    parser.add_argument("--from-json", nargs="+", default=None,
+                        help="render saved --json results (several merge), run nothing")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -654,7 +671,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(section(child)))
         return 0
     if args.from_json:
-        results = json.loads(Path(args.from_json).read_text())
+        results = {}
+        for path in args.from_json:  # several partial runs merge, later ones win
+            part = json.loads(Path(path).read_text())
+            sections = results.get("settings", {}).get("sections", [])
+            results.update(part)
+            results["settings"]["sections"] = sections + part["settings"]["sections"]
     else:
         results = run(args.sections, args.quick, args.compile_all)
     if args.notes:
