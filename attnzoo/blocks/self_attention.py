@@ -467,7 +467,10 @@ class MultiHeadSelfAttention2d(nn.Module):
         v = v.reshape(n, heads, self.dim_value, h * w).transpose(-1, -2)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.position_logits(q, h, w),
                                              scale=self.dim_head ** -0.5)
-        out = out.transpose(-1, -2).reshape(n, heads * self.dim_value, h, w)
+        # contiguous() first: with a channels-last input, eager strides let torch.export
+        # record this reshape as a view that the ONNX exporter's re-traced SDPA output
+        # cannot take ("Cannot view a tensor ..."). Same values; NCHW inputs copied here anyway.
+        out = out.transpose(-1, -2).contiguous().reshape(n, heads * self.dim_value, h, w)
         return self.pool(out)
 
 
