@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import torch
 
 
 @dataclass
@@ -193,3 +194,15 @@ def serve_fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[
         yield hub
     finally:
         hub.stop()
+
+
+def with_random_bn_statistics(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` in eval mode with non-trivial BN running statistics, so that a save and
+    load that lost buffers would change its outputs."""
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("running_mean"):
+                buf.uniform_(-0.5, 0.5)
+            elif name.endswith("running_var"):
+                buf.uniform_(0.5, 1.5)
+    return model.eval()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hub_server import with_random_bn_statistics
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
@@ -42,17 +43,6 @@ def _x() -> torch.Tensor:
 def _out(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model.eval()(_x())
-
-
-def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
-    """Non-trivial BN statistics, so that buffers matter for the outputs."""
-    with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("running_mean"):
-                buf.uniform_(-0.5, 0.5)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 1.5)
-    return model.eval()
 
 
 class _RandomOpCounter(TorchDispatchMode):
@@ -84,7 +74,7 @@ def _no_randomness_allowed() -> Iterator[_RandomOpCounter]:
 
 @pytest.fixture
 def model() -> torch.nn.Module:
-    return _perturbed(attnzoo.create_model(MODEL))
+    return with_random_bn_statistics(attnzoo.create_model(MODEL))
 
 
 @pytest.fixture
@@ -150,7 +140,7 @@ def test_loaded_parameters_are_the_file_tensors_not_copies(saved) -> None:
 
 
 def test_non_persistent_buffers_are_made_as_in_a_normal_build(tmp_path: Path) -> None:
-    reference = _perturbed(attnzoo.create_model(FCA_SPEC))
+    reference = with_random_bn_statistics(attnzoo.create_model(FCA_SPEC))
     persistent = set(reference.state_dict())
     dct = [n for n, _ in reference.named_buffers() if n not in persistent]
     assert dct and all(n.endswith("dct_filters") for n in dct)

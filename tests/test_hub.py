@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from hub_server import go_offline, serve_fake_hub
+from hub_server import go_offline, serve_fake_hub, with_random_bn_statistics
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 
@@ -45,14 +45,7 @@ def fake_hub(monkeypatch, tmp_path):
 @pytest.fixture
 def model() -> torch.nn.Module:
     """A randomly initialised zoo model with non-trivial BN statistics."""
-    m = attnzoo.create_model(MODEL)
-    with torch.no_grad():
-        for name, buf in m.named_buffers():
-            if name.endswith("running_mean"):
-                buf.uniform_(-0.5, 0.5)
-            elif name.endswith("running_var"):
-                buf.uniform_(0.5, 1.5)
-    return m.eval()
+    return with_random_bn_statistics(attnzoo.create_model(MODEL))
 
 
 @pytest.fixture
