@@ -109,8 +109,6 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], **kwarg
     """Write ``attnzoo.yaml``, ``model.safetensors`` and a model card to ``directory``."""
     from . import hub
 
-    _check_recordable(model)
-
     return hub.save_pretrained(model, directory, **kwargs)
 
 
@@ -118,19 +116,7 @@ def push_to_hub(model: nn.Module, repo_id: str, **kwargs: Any):
     """Save the model to a temporary folder and upload it to the Hub as ``repo_id``."""
     from . import hub
 
-    _check_recordable(model)
-
     return hub.push_to_hub(model, repo_id, **kwargs)
-
-
-def _check_recordable(model: nn.Module) -> None:
-    """Refuse to save a model whose saved spec would rebuild a different network."""
-    unrecorded = getattr(model, "attnzoo_unrecorded_args", None)
-    if unrecorded:
-        raise AttnZooError(
-            f"cannot save: the model was built with backbone args {unrecorded} that are not "
-            "plain YAML values, so the saved spec could not rebuild it; pass plain values "
-            "(numbers, strings, lists) or set them in the spec's backbone.args")
 
 
 __all__ = [

@@ -728,6 +728,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
     if not isinstance(spec, ModelSpec):
         raise AttnZooError("save_pretrained saves models built by attnzoo.create_model "
                            "(the model has no attnzoo_spec)")
+    unrecorded = getattr(model, "attnzoo_unrecorded_args", None)
+    if unrecorded:  # the saved spec would rebuild a different network
+        raise AttnZooError(
+            f"cannot save: the model was built with backbone args {unrecorded} that are not "
+            "plain YAML values, so the saved spec could not rebuild it; pass plain values "
+            "(numbers, strings, lists) or set them in the spec's backbone.args")
     loaded = getattr(model, "attnzoo_weights", None) or {}
     license = license or spec.license or loaded.get("license")
     metrics = metrics if metrics is not None else loaded.get("metrics") or {}
