@@ -39,6 +39,7 @@ from torch import nn
 from . import safe_weights
 from .errors import AttnZooError, SpecError, WeightsError
 from .registry import did_you_mean
+from .safe_weights import PICKLE_SUFFIXES
 from .safe_weights import sha256_file as sha256_of
 from .spec import ModelSpec, format_validation_error, load_yaml, read_source
 from .zoo import data_dir
@@ -47,7 +48,6 @@ SPEC_FILE = "attnzoo.yaml"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 HUB_PREFIX = "hf-hub:"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _PIN_HINT = ("run `python tools/pin_weights.py {name}` on a machine with network access to "
