@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import timm
 import torch
@@ -20,9 +20,11 @@ from torch import nn
 
 from .blocks.base import BlockConfig, Site, takes_one_tensor
 from .errors import SpecError
-from .registry import did_you_mean, get_architecture
+from .meta_init import parameters_on_meta
+from .registry import block_configs, did_you_mean, get_architecture
 from .sites import SiteRef, resolve_sites
 from .spec import ModelSpec
+from .validation import parse_block
 
 AFTER, BEFORE = "attnzoo_after", "attnzoo_before"
 _RANK_NAMES = {4: "4-D (N, C, H, W)", 3: "3-D (B, N, C)", 2: "2-D (N, C)"}
@@ -241,12 +243,20 @@ _SHAPE_KEEPING_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatch
 
 
 def build_model(spec: ModelSpec, num_classes: int | None = None, *,
+                init: Literal["random", "skip"] = "random",
                 device: str | torch.device | None = None, **backbone_args: Any) -> nn.Module:
-    """Build the model a spec describes, with random initialisation.
+    """Build the model a spec describes.
 
-    ``device="meta"`` builds it without allocating or initialising any tensor, for
-    weights that will overwrite everything (``load_state_dict(..., assign=True)``).
+    ``init="random"`` initialises it as timm and the blocks' papers do. ``init="skip"``
+    is for weights that will be assigned to it (``load_state_dict(..., assign=True)``):
+    every parameter is on the meta device (no memory, no init), buffers are real.
+    ``device="meta"`` puts everything, buffers too, on the meta device.
     """
+    if init == "skip":
+        with parameters_on_meta():
+            return build_model(spec, num_classes, device=device, **backbone_args)
+    if init != "random":
+        raise ValueError(f"init must be 'random' or 'skip', not {init!r}")
     if device is not None:
         with torch.device(device):
             return build_model(spec, num_classes, **backbone_args)
@@ -365,3 +375,23 @@ def _insert(model: nn.Module, where: str, config: BlockConfig, site: SiteRef, ze
         name = _attach(model, site.path, AFTER if site.position == "after" else BEFORE, block)
     return InsertedBlock(name, config.block_type(), site.path, site.position,
                          site_info.channels, site_info.size, params)
+
+
+def list_blocks() -> list[str]:
+    """Names of every registered block type, plugins included."""
+    return list(block_configs())
+
+
+def create_block(type: str, channels: int, **cfg: Any) -> nn.Module:  # noqa: A002
+    """Build one block on its own, e.g. ``create_block("se", 64, reduction=8)``.
+
+    ``cfg`` holds the block's config fields; ``size=(H, W)`` gives the spatial size
+    for blocks that need it (FcaNet's DCT).
+    """
+    size = cfg.pop("size", None)
+    config = parse_block({"type": type, **cfg}, f"block {type!r}")
+    try:
+        return config.build(Site(channels=channels, size=tuple(size) if size else None))
+    except (ValueError, TypeError) as exc:
+        raise SpecError(f"block {type!r} cannot be built for {channels} channels"
+                        f"{f' at size {tuple(size)}' if size else ''}: {exc}") from None

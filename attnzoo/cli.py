@@ -109,8 +109,8 @@ def _fmt(value: float) -> str:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from . import create_model
     from .builder import probe_input_size
+    from .pretrained import create_model
 
     model = create_model(args.name)
     spec = model.attnzoo_spec
@@ -144,10 +144,11 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from . import create_model, hub
+    from .hub import push_to_hub
+    from .pretrained import create_model
 
-    model = create_model(args.model, pretrained=args.pretrained or False)
-    url = hub.push_to_hub(model, args.repo_id, revision=args.revision, private=args.private)
+    model = create_model(args.model, pretrained=args.pretrained)
+    url = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private)
     print(url)
     return 0
 

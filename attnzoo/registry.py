@@ -1,7 +1,9 @@
 """The closed registries: block type -> config model, backbone source/name -> factory.
 
 Only names live here. A spec can pick a registered entry by name; it can never
-name a Python path, so nothing in a spec is imported or evaluated.
+name a Python path, so nothing in a spec is imported or evaluated. This module imports
+nothing else of attnzoo's but its errors: the block and architecture modules import it
+to register themselves, and ``attnzoo/__init__.py`` imports those modules.
 """
 
 from __future__ import annotations
@@ -45,18 +47,10 @@ def register_architecture(name: str) -> Callable[[F], F]:
     return wrap
 
 
-def _load_blocks() -> None:
-    # Importing the families runs their register_* decorators. Architectures register
-    # blocks too (BiSeNet's arm/ffm, PAN's fpa/gau, ...), so they are loaded here as well.
-    from . import architectures, blocks  # noqa: F401
-
-
-def _load_architectures() -> None:
-    from . import architectures  # noqa: F401
-
-
 def block_configs() -> dict[str, type[BlockConfig]]:
-    _load_blocks()
+    """Every registered block type -> its config class, sorted by name. ``import attnzoo``
+    registers the catalogue (``attnzoo.blocks``, ``attnzoo.architectures``); plugins
+    add theirs with :func:`register_block` at any time."""
     return dict(sorted(_BLOCKS.items()))
 
 
@@ -69,7 +63,7 @@ def get_block_config(name: str) -> type[BlockConfig]:
 
 
 def architectures() -> dict[str, Callable[..., nn.Module]]:
-    _load_architectures()
+    """Every registered attnzoo architecture -> its factory, sorted by name."""
     return dict(sorted(_ARCHITECTURES.items()))
 
 

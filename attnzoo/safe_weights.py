@@ -12,12 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from .errors import WeightsError
 
@@ -44,18 +43,23 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def refuse_pickle(path: str | os.PathLike[str]) -> None:
-    """Raise WeightsError if ``path`` is a pickle-based checkpoint (by name or content)."""
+def refuse_pickle(path: str | os.PathLike[str], where: str | None = None) -> None:
+    """Raise WeightsError if ``path`` is a pickle-based checkpoint: by its name, then (when
+    the file exists) by its first bytes. The file is never unpickled."""
     p = Path(path)
-    if p.suffix.lower() in PICKLE_SUFFIXES:
-        raise WeightsError(f"{p}: refusing a pickle checkpoint ({p.suffix}); attnzoo loads "
-                           "safetensors only (convert it where you trust it, e.g. "
-                           "tools/convert_timm.py)")
+    prefix = f"{where}: " if where else ""
+    if p.name.lower().endswith(PICKLE_SUFFIXES):
+        raise WeightsError(
+            f"{prefix}refusing {p}: pickle checkpoints (.bin, .pt, .pth, .ckpt) can run code "
+            "when loaded and attnzoo never unpickles; use safetensors (convert a checkpoint "
+            "you trust with tools/convert_timm.py or safetensors.torch.save_file)")
+    if not p.is_file():
+        return
     with open(p, "rb") as f:
         head = f.read(4)
     if head.startswith(_PICKLE_MAGIC):
-        raise WeightsError(f"{p}: file content is a pickle/zip checkpoint, not safetensors; "
-                           "refusing to load it")
+        raise WeightsError(f"{prefix}{p}: file content is a pickle/zip checkpoint, not "
+                           "safetensors; refusing to load it")
 
 
 class _DuplicateKey(ValueError):
@@ -184,21 +188,124 @@ def check_header(path: str | os.PathLike[str]) -> dict[str, dict]:
     return header
 
 
+def check_weights_file_name(name: str, embedded: bool = False) -> None:
+    """Raise ValueError unless ``name`` is a relative ``.safetensors`` path inside its repo
+    or folder (a plain file name when ``embedded``)."""
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith("/") or ".." in parts or (embedded and len(parts) != 1):
+        raise ValueError(f"file {name!r} must be a relative path inside its repo "
+                         "(a plain file name for embedded weights)")
+    if name.lower().endswith(PICKLE_SUFFIXES):
+        raise ValueError(f"file {name!r} is a pickle file; attnzoo loads safetensors only")
+    if not name.endswith(".safetensors"):
+        raise ValueError(f"file {name!r} is not a .safetensors file")
+
+
+# ------------------------------------------------------------------ reading tensors
+
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
+    "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+    "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64,
+    "F64": torch.float64, "F8_E5M2": torch.float8_e5m2, "F8_E4M3": torch.float8_e4m3fn,
+}
+_READ_CHUNK = 16 << 20
+
+
+def _mismatch(path: Path, actual: str, sha256: str, where: str) -> WeightsError:
+    return WeightsError(
+        f"{where}: weights file {path.name} ({path}) failed verification: sha256 "
+        f"{actual} != expected {sha256}; it is corrupt, truncated or not the pinned "
+        "file. Delete it (for a Hub download: `hf cache delete`) and download again.")
+
+
+def _read_and_hash(path: Path, header: dict[str, dict]) -> tuple[dict[str, torch.Tensor], str]:
+    """Read every tensor of a safetensors file whose header passed :func:`check_header`
+    (so the tensors tile the data section), in one pass that also computes the file's
+    sha256.
+
+    Each tensor is read straight into memory from PyTorch's allocator: 64-byte aligned
+    like any tensor a model allocates (CPU kernels may round differently on other
+    alignments, e.g. on an mmap of the file), the weights held once, no page of the
+    file mapped into the process.
+    """
+    digest = hashlib.sha256()
+    spans = sorted((info["data_offsets"][0], name) for name, info in header.items())
+    tensors: dict[str, torch.Tensor] = {}
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(8)
+        digest.update(head)
+        size = int.from_bytes(head, "little")
+        digest.update(f.read(size))
+        for _, name in spans:
+            info = header[name]
+            dtype = _TORCH_DTYPES[info["dtype"]]
+            if 0 in info["shape"]:  # no data; contiguous strides could overflow int64
+                tensors[name] = torch.empty_strided(info["shape"], [0] * len(info["shape"]),
+                                                    dtype=dtype)
+                continue
+            tensor = torch.empty(info["shape"], dtype=dtype)
+            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < len(view):
+                got = f.readinto(view[done:done + _READ_CHUNK])
+                if not got:
+                    raise WeightsError(f"{path}: ended inside tensor {name!r}")
+                digest.update(view[done:done + got])
+                done += got
+            tensors[name] = tensor
+        while rest := f.read(_READ_CHUNK):  # nothing, for a header that checked out
+            digest.update(rest)
+    return tensors, digest.hexdigest()
+
+
+def read_verified(path: str | os.PathLike[str], sha256: str | None, where: str, *,
+                  require_hash: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after checking its sha256: attnzoo's one reader.
+
+    The header is validated first, then the file is read once: the tensors and the
+    hash together. Nothing is returned unless the hash matches. Raises WeightsError
+    naming the file when it is a pickle, missing, has another hash (corrupt,
+    truncated, not the pinned file) or is not valid safetensors; a file that fails
+    both the content checks and the hash is reported as failing the hash. With
+    ``require_hash=False`` (a user's own file, read by a tool) ``sha256`` may be None.
+    """
+    path = Path(path)
+    refuse_pickle(path, where)
+    if sha256 is None and require_hash or sha256 is not None and not SHA256.match(sha256):
+        raise WeightsError(f"{where}: no valid sha256 recorded for {path.name}; refusing to "
+                           "load unverified weights")
+    if not path.is_file():
+        raise WeightsError(f"{where}: weights file {path} not found")
+    try:
+        # A recorded hash only says the file is the one recorded; a stranger may have
+        # recorded a hostile file, so the content is checked before any tensor is read.
+        header = check_header(path)
+        unknown = sorted({i["dtype"] for i in header.values()} - set(_TORCH_DTYPES))
+        if unknown:
+            raise WeightsError(f"{path}: dtypes {unknown} are not supported")
+    except WeightsError as exc:
+        actual = sha256_file(path) if sha256 is not None else None
+        if actual != sha256:
+            raise _mismatch(path, actual, sha256, where) from None
+        raise WeightsError(f"{where}: {exc}") from None
+    try:
+        tensors, actual = _read_and_hash(path, header)
+    except WeightsError as exc:
+        raise WeightsError(f"{where}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a verified file can still be malformed
+        raise WeightsError(f"{where}: weights file {path.name} ({path}) is not a valid "
+                           f"safetensors file: {exc}") from None
+    if sha256 is not None and actual != sha256:
+        raise _mismatch(path, actual, sha256, where)
+    return tensors
+
+
 def load_safetensors(path: str | os.PathLike[str], expected_sha256: str | None = None
                      ) -> dict[str, torch.Tensor]:
     """Load a safetensors file to CPU tensors after refusing pickles, checking the sha256
-    (when given) and validating the header."""
+    (when given) and validating the header (:func:`read_verified`)."""
     p = Path(path)
-    if not p.is_file():
-        raise WeightsError(f"{p}: weights file not found")
-    refuse_pickle(p)
-    if expected_sha256 is not None:
-        actual = sha256_file(p)
-        if actual != expected_sha256.lower():
-            raise WeightsError(f"{p}: sha256 mismatch: expected {expected_sha256}, got "
-                               f"{actual} (tampered, truncated or the wrong file)")
-    check_header(p)
-    try:
-        return load_file(str(p), device="cpu")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise WeightsError(f"{p}: not a readable safetensors file: {exc}") from None
+    return read_verified(p, expected_sha256.lower() if expected_sha256 else None, str(p),
+                         require_hash=False)

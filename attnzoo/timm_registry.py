@@ -9,9 +9,7 @@
 work as for timm's own models. Registration only reads the spec files (a fraction
 of a millisecond each); models are built when ``timm.create_model`` asks for one.
 
-:func:`features_model` wraps a built zoo model with the feature extractor timm
-would use for its backbone (``FeatureListNet`` for a ResNet, ``FeatureGetterNet``
-for a ViT, ...); ``attnzoo.create_model(..., features_only=True)`` uses it too.
+``features_only`` goes through :func:`attnzoo.features.features_model`.
 """
 
 from __future__ import annotations
@@ -22,21 +20,18 @@ import warnings
 from typing import Any
 
 import timm
-import torch
 from timm.models import (
-    FeatureDictNet,
-    FeatureHookNet,
-    FeatureListNet,
     generate_default_cfgs,
     get_pretrained_cfg,
     register_model,
     resolve_pretrained_cfg,
 )
-from timm.models._features import FeatureGetterNet
 from timm.models._registry import model_entrypoint
 from torch import nn
 
 from .errors import SpecError, WeightsError
+from .features import features_model
+from .pretrained import create_model
 from .spec import ModelSpec
 from .zoo import load_spec, spec_files
 
@@ -44,10 +39,6 @@ from .zoo import load_spec, spec_files
 default_cfgs: dict[str, Any] = {}
 __all__: list[str] = []  # register_model appends each entry point's name
 
-_FEATURE_CLASSES: dict[str, type[nn.Module]] = {
-    "list": FeatureListNet, "dict": FeatureDictNet, "hook": FeatureHookNet,
-    "getter": FeatureGetterNet,
-}
 # Fields of the backbone's pretrained cfg that describe the input and the head, not a
 # particular checkpoint; they carry over to the zoo model.
 _DATA_FIELDS = ("input_size", "min_input_size", "fixed_input_size", "interpolation",
@@ -95,8 +86,6 @@ def _make_entrypoint(name: str):
                    cache_dir: Any = None, features_only: bool = False,
                    out_indices: Any = None, feature_cls: Any = None,
                    feature_cfg: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
-        from . import create_model  # the package imports this module
-
         tag = pretrained_cfg if isinstance(pretrained_cfg, str) else None
         cfg = _resolve_cfg(name, None if tag else pretrained_cfg, pretrained_cfg_overlay)
         if pretrained and any(cfg.get(k) for k in _WEIGHT_SOURCES):
@@ -152,124 +141,3 @@ def register_zoo_with_timm() -> list[str]:
         register_model(entrypoint)
         registered.append(name)
     return registered
-
-
-# --- features_only ------------------------------------------------------------------
-
-
-def features_model(model: nn.Module, out_indices: Any = None,
-                   feature_cls: str | type[nn.Module] | None = None,
-                   **feature_cfg: Any) -> nn.Module:
-    """Wrap a built zoo model so that it returns feature maps, as timm's
-    ``features_only=True`` does for the backbone.
-
-    Args:
-        model: a model from ``attnzoo.create_model``.
-        out_indices: which entries of ``model.feature_info`` to return; the
-            backbone's timm default when None.
-        feature_cls: ``"list"``, ``"dict"``, ``"getter"``, ``"hook"`` or a class;
-            the one timm uses for the backbone when None.
-        **feature_cfg: further arguments of the feature class (``output_fmt``,
-            ``flatten_sequential``, ``norm``, ...).
-
-    Raises:
-        SpecError: the backbone has no ``feature_info``, or the wrapper would skip an
-            inserted block that lies before the last returned feature.
-    """
-    spec: ModelSpec | None = getattr(model, "attnzoo_spec", None)
-    label = spec.name if spec else type(model).__name__
-    if not getattr(model, "feature_info", None):
-        source = (f"{spec.backbone.source}:{spec.backbone.name}" if spec
-                  else type(model).__name__)
-        raise SpecError(f"{label}: features_only needs the backbone to describe its "
-                        f"feature maps (feature_info), and {source} "
-                        f"({type(model).__name__}) does not")
-    default_cls, default_indices, flatten = _timm_feature_defaults(model, spec)
-    cls = _feature_class(feature_cls) if feature_cls is not None else default_cls
-    cfg = {"out_indices": default_indices if out_indices is None else out_indices}
-    output_fmt = getattr(model, "output_fmt", None)
-    if output_fmt is not None and cls is not FeatureGetterNet:
-        cfg["output_fmt"] = output_fmt
-    if issubclass(cls, FeatureDictNet | FeatureHookNet):
-        cfg["flatten_sequential"] = flatten
-    cfg.update(feature_cfg)
-    blocks = list(getattr(model, "attnzoo_blocks", []))
-    block_modules = {b.name: model.get_submodule(b.name) for b in blocks}
-    try:
-        wrapper = cls(model, **cfg)
-    except (AssertionError, AttributeError, KeyError, TypeError, ValueError) as exc:
-        raise SpecError(f"{label}: {cls.__name__} cannot wrap {type(model).__name__} with "
-                        f"{cfg}: {type(exc).__name__}: {exc}") from None
-    if not isinstance(wrapper, FeatureGetterNet):  # the getter runs the model's own forward
-        _check_no_block_skipped(model, wrapper, block_modules, label, cls)
-    from timm.models._builder import pretrained_cfg_for_features
-
-    cfg_in = getattr(model, "pretrained_cfg", None) or {}
-    wrapper.pretrained_cfg = wrapper.default_cfg = pretrained_cfg_for_features(cfg_in)
-    if spec is not None:
-        kept = {id(m) for m in wrapper.modules()}
-        wrapper.attnzoo_spec = spec
-        wrapper.attnzoo_blocks = [b for b in blocks if id(block_modules[b.name]) in kept]
-    return wrapper
-
-
-def _feature_class(feature_cls: str | type[nn.Module]) -> type[nn.Module]:
-    if isinstance(feature_cls, str):
-        try:
-            return _FEATURE_CLASSES[feature_cls.lower()]
-        except KeyError:
-            raise SpecError(f"unknown feature_cls {feature_cls!r}; use one of "
-                            f"{', '.join(_FEATURE_CLASSES)} or a class") from None
-    return feature_cls
-
-
-def _timm_feature_defaults(model: nn.Module, spec: ModelSpec | None
-                           ) -> tuple[type[nn.Module], Any, bool]:
-    """(feature class, out_indices, flatten_sequential) that timm picks for the backbone.
-
-    For a timm backbone this asks timm itself: the backbone is built with
-    ``features_only=True`` on the meta device (no memory, no compute) and the wrapper
-    it returns is read. Backbones with a features-only class of their own
-    (EfficientNetFeatures) and attnzoo architectures get the generic wrappers.
-    """
-    names = [info["module"] for info in model.feature_info]
-    # FeatureListNet finds nested modules ('stages.0') only with flatten_sequential.
-    flatten = any("." in n for n in names)
-    fallback_cls = FeatureGetterNet if hasattr(model, "forward_intermediates") \
-        and spec is not None and spec.backbone.source == "attnzoo" else FeatureListNet
-    fallback = (fallback_cls, tuple(range(len(names))), flatten)
-    if spec is None or spec.backbone.source != "timm":
-        return fallback
-    try:
-        with torch.device("meta"):
-            probe = timm.create_model(spec.backbone.name, features_only=True,
-                                      **spec.backbone.args)
-    except Exception:  # noqa: BLE001 - a backbone that cannot build on meta: generic
-        return fallback
-    indices = tuple(probe.feature_info.out_indices)
-    if isinstance(probe, FeatureGetterNet):
-        return FeatureGetterNet, indices, False
-    if isinstance(probe, FeatureHookNet):
-        return FeatureHookNet, indices, flatten
-    if isinstance(probe, FeatureDictNet):
-        return type(probe), indices, not set(probe._modules) <= set(model._modules)
-    return FeatureListNet, indices, flatten
-
-
-def _check_no_block_skipped(model: nn.Module, wrapper: nn.Module,
-                            block_modules: dict[str, nn.Module], label: str,
-                            cls: type[nn.Module]) -> None:
-    """Refuse a wrapper that calls the backbone's modules one by one and so bypasses a
-    block attached to a container it flattened (e.g. after the whole ``stages``).
-    Blocks after the last returned feature are dropped with the unused layers."""
-    kept = {id(m) for m in wrapper.modules()}
-    top = list(model.named_children())
-    used = [i for i, (_, child) in enumerate(top)
-            if id(child) in kept or any(id(c) in kept for c in child.children())]
-    last_used = max(used, default=-1)
-    order = {n: i for i, (n, _) in enumerate(top)}
-    for name, block in block_modules.items():
-        if id(block) not in kept and order.get(name.split(".")[0], -1) <= last_used:
-            raise SpecError(f"{label}: {cls.__name__} would skip the inserted block {name} "
-                            "(it runs the backbone's modules one by one); use "
-                            "feature_cls='getter' or insert the block inside a stage")

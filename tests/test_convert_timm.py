@@ -15,7 +15,7 @@ from hub_server import serve_fake_hub
 from safetensors.torch import save_file
 
 import attnzoo
-from attnzoo import hub
+from attnzoo import zoo
 from attnzoo.errors import WeightsError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
@@ -98,8 +98,8 @@ def test_timm_format_zoo_manifest_loads_timm_weights(timm_model, checkpoint: Pat
                              {"model.safetensors": checkpoint.read_bytes()})
     folder = tmp_path / "weights"
     folder.mkdir()
-    monkeypatch.setattr(hub, "weights_dir", lambda: folder)
-    manifest = yaml.safe_load((hub.data_dir("weights") / f"{ZOO}.yaml").read_text())
+    monkeypatch.setenv("ATTNZOO_WEIGHTS_DIR", str(folder))
+    manifest = yaml.safe_load((zoo.data_dir("weights") / f"{ZOO}.yaml").read_text())
     entry = manifest["tags"][manifest["default"]]
     assert entry["format"] == "timm" and entry["repo"] == "timm/seresnet50.a1_in1k"
     entry.update(revision=commit, sha256=hashlib.sha256(checkpoint.read_bytes()).hexdigest())
@@ -114,7 +114,7 @@ def test_a_wrong_pin_is_refused(checkpoint: Path, fake_hub, tmp_path: Path,
     commit = fake_hub.commit("timm/seresnet50.a1_in1k", {"model.safetensors": b"not it"})
     folder = tmp_path / "weights"
     folder.mkdir()
-    monkeypatch.setattr(hub, "weights_dir", lambda: folder)
+    monkeypatch.setenv("ATTNZOO_WEIGHTS_DIR", str(folder))
     (folder / f"{ZOO}.yaml").write_text(yaml.safe_dump({"model": ZOO, "default": "a", "tags": {
         "a": {"repo": "timm/seresnet50.a1_in1k", "revision": commit, "format": "timm",
               "sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()}}}))

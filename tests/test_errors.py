@@ -100,7 +100,7 @@ def test_unknown_block_type_suggests_close_types_and_lists_all(tmp_path):
 
 def test_missing_block_type_says_so():
     msg = _spec_error({**BASE, "insert": [{"block": {"reduction": 8}, "at": "residual"}]})
-    assert "insert[0].block: Unable to extract tag using discriminator 'type'" in msg
+    assert "insert[0].block: a block is a mapping with a `type`, e.g. `type: se`" in msg
 
 
 def test_unknown_attnzoo_architecture_names_field_line_and_close_names(tmp_path):
@@ -257,11 +257,11 @@ def test_fusion_block_at_a_single_site_says_why():
 
 
 def test_create_block_errors_name_the_block():
-    with pytest.raises(SpecError, match=r"^unknown block type 'sq' \(did you mean 'sk', 'se'"):
+    with pytest.raises(SpecError, match=r"unknown block type 'sq' \(did you mean 'sk', 'se'"):
         attnzoo.create_block("sq", 64)
     with pytest.raises(SpecError) as err:
         attnzoo.create_block("se", 64, reduction=-1)
-    assert str(err.value).startswith("block 'se': invalid spec")
+    assert str(err.value).startswith("block 'se': invalid block config")
     assert "reduction: Input should be greater than 0" in str(err.value)
     with pytest.raises(SpecError, match=r"^block 'multi_head_attention' cannot be built for "
                                         r"30 channels: 30 channels do not split into 8 heads"):

@@ -20,8 +20,9 @@ from hub_server import with_random_bn_statistics
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import attnzoo
-from attnzoo import hub
+from attnzoo import loading, meta_init, safe_weights
 from attnzoo.builder import build_model
+from attnzoo.saved import write_safetensors
 
 MODEL = "digits_cbam_tiny"
 # A tiny CNN with FcaNet blocks: their DCT bases are non-persistent buffers (not saved).
@@ -87,15 +88,15 @@ def zoo_weights(model: torch.nn.Module, tmp_path: Path, monkeypatch) -> Path:
     """A weights/ folder whose manifest serves ``model``'s state as MODEL's default."""
     folder = tmp_path / "weights"
     folder.mkdir()
-    sha = hub.write_safetensors(model.state_dict(), folder / "w.safetensors")
+    sha = write_safetensors(model.state_dict(), folder / "w.safetensors")
     (folder / f"{MODEL}.yaml").write_text(yaml.safe_dump({"model": MODEL, "default": "x", "tags": {
         "x": {"file": "w.safetensors", "sha256": sha, "num_classes": 10}}}))
-    monkeypatch.setattr(hub, "weights_dir", lambda: folder)
+    monkeypatch.setenv("ATTNZOO_WEIGHTS_DIR", str(folder))
     return folder
 
 
 def _assert_loaded(loaded: torch.nn.Module, reference: torch.nn.Module) -> None:
-    assert hub.meta_tensors(loaded) == []
+    assert meta_init.meta_tensors(loaded) == []
     assert type(loaded) is type(reference)
     state = loaded.state_dict()
     for key, value in reference.state_dict().items():
@@ -166,7 +167,7 @@ def test_new_classifier_is_initialised_as_a_normal_build_would(model, saved, zoo
     torch.manual_seed(123)
     fresh = build_model(model.attnzoo_spec, num_classes=4)
     assert torch.equal(torch.random.get_rng_state(), after_load)
-    assert hub.meta_tensors(loaded) == []
+    assert meta_init.meta_tensors(loaded) == []
     head, fresh_head = loaded.get_classifier(), fresh.get_classifier()
     assert head.weight.shape == (4, 64) and head.weight.requires_grad
     assert torch.equal(head.weight, fresh_head.weight)
@@ -183,25 +184,26 @@ def test_new_classifier_is_initialised_as_a_normal_build_would(model, saved, zoo
 def test_a_buffer_left_on_meta_is_taken_from_a_normal_build(model) -> None:
     spec = model.attnzoo_spec
     rng = torch.random.get_rng_state()
-    built = hub.build_for_weights(spec, None, {})
+    built = build_model(spec, None, init="skip")
     assert all(p.is_meta for p in built.parameters())
     assert not any(b.is_meta for b in built.buffers())
-    hub.load_checked(built, dict(model.state_dict()), "test", assign=True)
+    loading.load_checked(built, dict(model.state_dict()), "test", assign=True)
     # As if a module had made a buffer from one of its (meta) parameters.
     bn = built.get_submodule("stem.bn")
     bn._buffers["running_var"] = torch.empty(bn.running_var.shape, device="meta")
-    fixed = hub.finish_weights_build(built, spec, None, {}, rng)
+    torch.random.set_rng_state(rng)
+    fixed = meta_init.fill_meta_tensors(built, build_model(spec))
     assert fixed == ["stem.bn.running_var"]
     assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))  # a fresh BN's
-    assert hub.meta_tensors(built) == []
+    assert meta_init.meta_tensors(built) == []
 
 
 def test_assign_load_casts_to_the_model_dtype(model) -> None:
-    built = hub.build_for_weights(model.attnzoo_spec, None, {})
+    built = build_model(model.attnzoo_spec, None, init="skip")
     half = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    hub.load_checked(built, half, "test", assign=True)
+    loading.load_checked(built, half, "test", assign=True)
     assert {p.dtype for p in built.parameters()} == {torch.float32}
-    assert hub.meta_tensors(built) == []
+    assert meta_init.meta_tensors(built) == []
 
 
 def test_parameters_on_meta_affects_only_the_calling_thread() -> None:
@@ -215,7 +217,7 @@ def test_parameters_on_meta_affects_only_the_calling_thread() -> None:
 
     thread = threading.Thread(target=other)
     thread.start()
-    with hub.parameters_on_meta():
+    with meta_init.parameters_on_meta():
         devices["here"] = torch.nn.Linear(2, 2).weight.device
         ready.set()
         done.wait(10)
@@ -225,8 +227,8 @@ def test_parameters_on_meta_affects_only_the_calling_thread() -> None:
 
 
 def test_read_verified_gives_aligned_tensors_read_once(saved) -> None:
-    state = hub.read_verified(saved / "model.safetensors",
-                              hub.sha256_of(saved / "model.safetensors"), "test")
+    state = safe_weights.read_verified(saved / "model.safetensors",
+                              safe_weights.sha256_file(saved / "model.safetensors"), "test")
     # Allocated like the model's own tensors: CPU kernels may round differently on
     # other alignments (an mmap of the file), and outputs must equal build-then-load's.
     assert all(t.data_ptr() % 64 == 0 for t in state.values() if t.numel())
@@ -246,7 +248,7 @@ def test_a_bad_file_is_reported_before_a_bad_spec(saved) -> None:
     with pytest.raises(attnzoo.WeightsError, match="failed verification"):
         attnzoo.create_model(str(saved))
     (saved / "model.safetensors").write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]))
-    spec["weights"]["sha256"] = hub.sha256_of(saved / "model.safetensors")
+    spec["weights"]["sha256"] = safe_weights.sha256_file(saved / "model.safetensors")
     spec_file.write_text(yaml.safe_dump(spec))
     with pytest.raises(attnzoo.SpecError, match="positive"):
         attnzoo.create_model(str(saved))

@@ -18,8 +18,10 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 import attnzoo
-from attnzoo import hub
+from attnzoo import hub, manifests, pretrained
 from attnzoo.errors import WeightsError
+from attnzoo.saved import write_safetensors
+from attnzoo.zoo import data_dir
 
 MODEL = "digits_cbam_tiny"  # small and fast: a tiny CNN with 4 CBAM blocks
 
@@ -290,7 +292,7 @@ def weights_folder(tmp_path: Path, monkeypatch) -> Path:
     """An empty weights/ folder that the zoo manifests are read from."""
     folder = tmp_path / "weights"
     folder.mkdir()
-    monkeypatch.setattr(hub, "weights_dir", lambda: folder)
+    monkeypatch.setenv("ATTNZOO_WEIGHTS_DIR", str(folder))
     return folder
 
 
@@ -302,8 +304,8 @@ def _write_manifest(folder: Path, tags: dict, default: str) -> None:
 def test_zoo_weights_from_the_hub_by_tag_then_offline(model, fake_hub, weights_folder,
                                                       tmp_path, monkeypatch) -> None:
     other = attnzoo.create_model(MODEL).eval()
-    sha_a = hub.write_safetensors(model.state_dict(), tmp_path / "a.safetensors")
-    sha_b = hub.write_safetensors(other.state_dict(), tmp_path / "b.safetensors")
+    sha_a = write_safetensors(model.state_dict(), tmp_path / "a.safetensors")
+    sha_b = write_safetensors(other.state_dict(), tmp_path / "b.safetensors")
     commit = fake_hub.commit("attnzoo/digits", {
         "a.safetensors": (tmp_path / "a.safetensors").read_bytes(),
         "b.safetensors": (tmp_path / "b.safetensors").read_bytes()})
@@ -312,7 +314,7 @@ def test_zoo_weights_from_the_hub_by_tag_then_offline(model, fake_hub, weights_f
     _write_manifest(weights_folder, default="first", tags={
         "first": {**entry, "file": "a.safetensors", "sha256": sha_a},
         "second": {**entry, "file": "b.safetensors", "sha256": sha_b}})
-    assert hub.list_pretrained() == [f"{MODEL}.first", f"{MODEL}.second"]
+    assert manifests.list_pretrained() == [f"{MODEL}.first", f"{MODEL}.second"]
 
     assert torch.equal(_outputs(attnzoo.create_model(MODEL, pretrained=True)), _outputs(model))
     for tag in ("second", f"{MODEL}.second"):
@@ -339,18 +341,18 @@ def test_unpinned_zoo_weights_are_refused_with_how_to_pin(fake_hub, weights_fold
 
 def test_failed_zoo_load_leaves_the_model_untouched(model, weights_folder, tmp_path) -> None:
     donor = attnzoo.create_model(MODEL)
-    sha = hub.write_safetensors(donor.state_dict(), weights_folder / "w.safetensors")
+    sha = write_safetensors(donor.state_dict(), weights_folder / "w.safetensors")
     _write_manifest(weights_folder, default="x", tags={"x": {"file": "w.safetensors",
                                                              "sha256": "0" * 64}})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(WeightsError, match=r"w\.safetensors.*failed verification"):
-        hub.load_zoo_weights(model, model.attnzoo_spec, True)
+        pretrained.load_zoo_weights(model, model.attnzoo_spec, True)
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
     # With the right sha256 the same embedded file loads.
     _write_manifest(weights_folder, default="x", tags={"x": {"file": "w.safetensors",
                                                              "sha256": sha}})
-    hub.load_zoo_weights(model, model.attnzoo_spec, True)
+    pretrained.load_zoo_weights(model, model.attnzoo_spec, True)
     assert torch.equal(_outputs(model), _outputs(donor.eval()))
 
 
@@ -367,17 +369,17 @@ def test_bad_manifest_entries_are_refused(weights_folder, entry: dict, problem: 
 
 
 def test_model_without_weights_says_which_have_them(weights_folder) -> None:
-    shutil.copy(hub.data_dir("weights") / f"{MODEL}.yaml", weights_folder)
+    shutil.copy(data_dir("weights") / f"{MODEL}.yaml", weights_folder)
     with pytest.raises(WeightsError, match=f"no pretrained weights.*{MODEL}"):
         attnzoo.create_model("resnet18_se", pretrained=True)
 
 
 def test_shipped_manifests_are_valid_and_unpinned_ones_refuse() -> None:
-    manifests = sorted(hub.data_dir("weights").glob("*.yaml"))
-    assert manifests
+    paths = sorted(data_dir("weights").glob("*.yaml"))
+    assert paths
     zoo = set(attnzoo.list_models())
-    for path in manifests:
-        manifest = hub.load_manifest(path.stem)
+    for path in paths:
+        manifest = manifests.load_manifest(path.stem)
         assert manifest is not None and manifest.model == path.stem
         for tag, entry in manifest.tags.items():
             assert entry.license, f"{path.name}: {tag} has no license"
@@ -453,7 +455,7 @@ def test_pin_weights_fills_revision_and_sha256_then_the_entry_loads(
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     import pin_weights
 
-    sha = hub.write_safetensors(model.state_dict(), tmp_path / "w.safetensors")
+    sha = write_safetensors(model.state_dict(), tmp_path / "w.safetensors")
     commit = fake_hub.commit("attnzoo/digits",
                              {"model.safetensors": (tmp_path / "w.safetensors").read_bytes()})
 
@@ -485,7 +487,7 @@ def test_pin_weights_fills_revision_and_sha256_then_the_entry_loads(
 
 def test_zoo_weights_with_another_num_classes_keep_all_but_the_classifier(
         model, weights_folder) -> None:
-    sha = hub.write_safetensors(model.state_dict(), weights_folder / "w.safetensors")
+    sha = write_safetensors(model.state_dict(), weights_folder / "w.safetensors")
     _write_manifest(weights_folder, default="x", tags={"x": {
         "file": "w.safetensors", "sha256": sha, "num_classes": 10}})
     with pytest.warns(UserWarning, match="classifier was not loaded"):

@@ -268,7 +268,7 @@ def prepare_load_files(folder: Path) -> dict[str, str]:
     timm seresnet50 safetensors file; the small resnet18_se / seresnet18 equivalents
     serve as warm-up loads."""
     import attnzoo
-    from attnzoo import hub
+    from attnzoo.saved import write_safetensors
 
     paths: dict[str, str] = {}
     weights = folder / "weights"
@@ -278,13 +278,13 @@ def prepare_load_files(folder: Path) -> dict[str, str]:
         torch.manual_seed(0)
         model = attnzoo.create_model(zoo)
         saved = attnzoo.save_pretrained(model, folder / zoo)
-        sha = hub.write_safetensors(model.state_dict(), weights / f"{zoo}.safetensors")
+        sha = write_safetensors(model.state_dict(), weights / f"{zoo}.safetensors")
         (weights / f"{zoo}.yaml").write_text(json.dumps({
             "model": zoo, "default": "bench", "tags": {"bench": {
                 "file": f"{zoo}.safetensors", "sha256": sha, "num_classes": 1000,
                 "license": "apache-2.0"}}}))
         peer_file = folder / f"{peer}.safetensors"
-        hub.write_safetensors(timm_peer(peer, {}).state_dict(), peer_file)
+        write_safetensors(timm_peer(peer, {}).state_dict(), peer_file)
         paths[f"{key}_zoo"], paths[f"{key}_peer"] = zoo, peer
         paths[f"{key}_folder"], paths[f"{key}_peer_file"] = str(saved), str(peer_file)
     paths["weights"] = str(weights)
@@ -312,10 +312,10 @@ def _load_fn(kind: str, files: dict[str, str], key: str) -> Callable[[], nn.Modu
 
 
 def _load_child(args: dict[str, Any]) -> dict[str, Any]:
-    from attnzoo import hub
+    from attnzoo.manifests import WEIGHTS_DIR_ENV
 
     files = args["files"]
-    hub.weights_dir = lambda: Path(files["weights"])  # the benchmark's own manifests
+    os.environ[WEIGHTS_DIR_ENV] = files["weights"]  # the benchmark's own manifests
     if args["what"] == "time":
         fns = {k: _load_fn(k, files, "big") for k in args["kinds"]}
         return interleaved(fns, args["repeats"], warmup=1)

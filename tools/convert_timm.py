@@ -42,12 +42,13 @@ def convert(zoo_name: str, checkpoint: str | Path, out_dir: str | Path, *,
     import attnzoo
     from attnzoo.convert import TIMM_EQUIVALENTS, from_timm
     from attnzoo.errors import WeightsError
-    from attnzoo.hub import classifier_names, load_checked, refuse_pickle, sha256_of
+    from attnzoo.loading import classifier_names, load_checked
+    from attnzoo.safe_weights import refuse_pickle, sha256_file
 
     checkpoint = Path(checkpoint)
     where = f"convert_timm {zoo_name} ({checkpoint.name})"
     refuse_pickle(checkpoint, where)
-    sha = sha256_of(checkpoint)
+    sha = sha256_file(checkpoint)
     try:
         state = from_timm(zoo_name, load_file(str(checkpoint)))
     except WeightsError:

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def hub_facts(api: Any, repo: str, revision: str | None, file: str) -> tuple[str, str]:
     """(commit, sha256) of ``file`` in ``repo`` at ``revision`` (main when None)."""
-    from attnzoo.hub import hub_download, sha256_of
+    from attnzoo.hub import hub_download
+    from attnzoo.safe_weights import sha256_file as sha256_of
 
     info = api.model_info(repo, revision=revision or "main", files_metadata=True)
     sibling = next((s for s in info.siblings or [] if s.rfilename == file), None)
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from huggingface_hub import HfApi
 
-    from attnzoo.hub import load_manifest  # noqa: F401  (fails early if attnzoo is broken)
+    from attnzoo.manifests import load_manifest  # noqa: F401  (fails early if attnzoo is broken)
 
     paths = ([args.weights_dir / f"{m}.yaml" for m in args.models] if args.models
              else sorted(args.weights_dir.glob("*.yaml")))

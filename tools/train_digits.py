@@ -106,7 +106,7 @@ def write_outputs(model: torch.nn.Module, stats: dict, out_dir: Path, args) -> P
     import sklearn
 
     import attnzoo
-    from attnzoo.hub import write_safetensors
+    from attnzoo.saved import write_safetensors
 
     out_dir.mkdir(parents=True, exist_ok=True)
     file = f"{MODEL}.safetensors"

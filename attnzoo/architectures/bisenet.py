@@ -6,9 +6,7 @@ The Attention Refinement Module (ARM) reweights the channels of the last two con
 stages; the Feature Fusion Module (FFM) fuses both paths with an SE-like reweighting.
 Both are registered block types (``arm``, ``ffm``) and are spec fields of the
 architecture, so ``backbone.args.arm: {type: cbam}`` swaps the ARM for CBAM.
-
-The helpers here (``ConvBNReLU``, ``build_arch_block``, ``resize``) are shared by the
-other segmentation architectures (PAN, RAS).
+STDC-Seg (``stdc.py``) reuses the ARM, the FFM and the context refinement.
 """
 
 from __future__ import annotations
@@ -17,72 +15,15 @@ from typing import Any, Literal
 
 import timm
 import torch
-import torch.nn.functional as F
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..blocks import parse_block
+from ..blocks._layers import ConvBNReLU, check_odd, reduced_channels, resize
 from ..blocks.base import BlockConfig, Site
 from ..errors import SpecError
-from ..registry import block_configs, register_architecture, register_block
-
-# --- shared helpers -------------------------------------------------------------------
-
-
-class ConvBNReLU(nn.Sequential):
-    """KxK conv (no bias, 'same' padding) -> BN -> ReLU (the ReLU is optional)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, relu: bool = True) -> None:
-        layers: list[nn.Module] = [
-            nn.Conv2d(in_channels, out_channels, kernel_size, stride,
-                      padding=kernel_size // 2, bias=False),
-            nn.BatchNorm2d(out_channels),
-        ]
-        if relu:
-            layers.append(nn.ReLU(inplace=True))
-        super().__init__(*layers)
-
-
-def resize(x: torch.Tensor, size: Any) -> torch.Tensor:
-    """Bilinear resize of a feature map or logits to ``size`` (H, W)."""
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-
-
-def parse_arch_block(data: Any, where: str) -> BlockConfig:
-    """Validate a block config given as an architecture arg.
-
-    Looks the type up in the live registry first, so that block types registered by
-    architecture modules (``arm``, ``ffm``, ``fpa``, ``gau``) are found even when the
-    cached union behind ``parse_block`` was built before they were imported.
-    """
-    if isinstance(data, dict) and isinstance(data.get("type"), str):
-        config_cls = block_configs().get(data["type"])
-        if config_cls is not None:
-            try:
-                return config_cls.model_validate(data)
-            except ValidationError as exc:
-                from ..spec import format_validation_error  # spec imports the blocks
-
-                raise SpecError(format_validation_error(exc, where)) from None
-    return parse_block(data, where)
-
-
-def build_arch_block(data: Any, where: str, site: Site) -> nn.Module:
-    """Parse a block config arg and build it for ``site``, errors naming ``where``."""
-    config = parse_arch_block(data, where)
-    try:
-        return config.build(site)
-    except (ValueError, TypeError) as exc:
-        raise SpecError(f"{where}: cannot build block {config.block_type()!r} with "
-                        f"{site.channels} -> {site.output_channels} channels: {exc}") from None
-
-
-def feature_size(input_size: tuple[int, int, int], stride: int) -> tuple[int, int]:
-    """(H, W) of a feature map at ``stride`` for an input of (C, H, W)."""
-    return (max(1, input_size[1] // stride), max(1, input_size[2] // stride))
-
+from ..registry import register_architecture, register_block
+from ._common import SegmentationHead, build_arch_block, feature_size
 
 # --- arm: Attention Refinement Module ------------------------------------------------------
 
@@ -124,7 +65,7 @@ class FeatureFusion(nn.Module):
                  kernel_size: int = 1) -> None:
         super().__init__()
         out = out_channels or channels
-        hidden = max(1, int(out / reduction))
+        hidden = reduced_channels(out, reduction)
         self.proj = ConvBNReLU(channels, out, kernel_size)
         self.fc1 = nn.Conv2d(out, hidden, 1, bias=False)
         self.act = nn.ReLU(inplace=True)
@@ -151,24 +92,13 @@ class FFMConfig(BlockConfig):
     @field_validator("kernel_size")
     @classmethod
     def _odd(cls, k: int) -> int:
-        if k % 2 == 0:
-            raise ValueError(f"kernel_size must be odd to keep the map size, got {k}")
-        return k
+        return check_odd(k)
 
     def build(self, site: Site) -> nn.Module:
         return FeatureFusion(site.channels, site.output_channels, **self.module_kwargs())
 
 
 # --- the network -----------------------------------------------------------------------
-
-
-class SegmentationHead(nn.Sequential):
-    """3x3 conv-BN-ReLU -> 1x1 conv to the classes (logits at the feature's stride)."""
-
-    def __init__(self, in_channels: int, mid_channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.conv = ConvBNReLU(in_channels, mid_channels, 3)
-        self.classifier = nn.Conv2d(mid_channels, num_classes, 1)
 
 
 class SpatialPath(nn.Sequential):
@@ -207,15 +137,13 @@ class ContextRefinement(nn.Module):
         self.refine32 = ConvBNReLU(channels, channels, 3)
         self.refine16 = ConvBNReLU(channels, channels, 3)
 
-    def _up(self, x: torch.Tensor, size: Any) -> torch.Tensor:
-        return resize(x, size) if self.mode == "bilinear" else F.interpolate(x, size=size)
-
     def forward(self, c16: torch.Tensor, c32: torch.Tensor, out_size: Any
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(refined 1/32 context at 1/16, refined 1/16 context at ``out_size``)."""
         tail = self.global_context(c32.mean((2, 3), keepdim=True))
-        f32 = self.refine32(self._up(self.arm32(self.reduce32(c32)) + tail, c16.shape[-2:]))
-        f16 = self.refine16(self._up(self.arm16(self.reduce16(c16)) + f32, out_size))
+        f32 = self.refine32(resize(self.arm32(self.reduce32(c32)) + tail, c16.shape[-2:],
+                                   self.mode))
+        f16 = self.refine16(resize(self.arm16(self.reduce16(c16)) + f32, out_size, self.mode))
         return f32, f16
 
 

@@ -24,10 +24,11 @@ from pydantic import Field
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from ..blocks._layers import ConvBNReLU, resize
 from ..blocks.base import BlockConfig, Site
 from ..errors import SpecError
 from ..registry import register_architecture, register_block
-from .bisenet import ConvBNReLU, build_arch_block, feature_size, resize
+from ._common import build_arch_block, feature_size
 
 # --- fpa: Feature Pyramid Attention --------------------------------------------------------
 

@@ -19,11 +19,12 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from ..blocks._layers import resize
 from ..blocks.base import Site
 from ..blocks.spatial import ReverseAttention
 from ..errors import SpecError
 from ..registry import register_architecture
-from .bisenet import build_arch_block, feature_size, resize
+from ._common import build_arch_block, feature_size
 
 
 class GlobalSaliencyHead(nn.Module):

@@ -26,10 +26,12 @@ from pydantic import Field
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from ..blocks import parse_block
+from ..blocks._layers import ConvBNReLU, resize
 from ..blocks.base import BlockConfig, Site
 from ..errors import SpecError
 from ..registry import register_architecture, register_block
+from ..validation import parse_block
+from ._common import ClassifierMixin, init_weights_
 
 STAGE_CHANNELS = (256, 512, 1024, 2048)
 
@@ -71,17 +73,13 @@ def residual_units(channels: int, n: int) -> nn.Sequential:
     return nn.Sequential(*(PreActBottleneck(channels) for _ in range(n)))
 
 
-def upsample_to(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Bilinear resize of ``x`` to the spatial size of ``like`` (align_corners=True,
-    as the Caffe ``Interp`` layer of the reference model)."""
-    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=True)
-
-
 class SoftMaskBranch(nn.Module):
     """The bottom-up top-down mask: ``depth`` max-poolings (3x3, stride 2), each
     followed by ``r`` units; ``r`` more units at the bottom; on the way up, bilinear
     upsampling plus a skip unit on the same-resolution down feature, then ``r``
     units; a last upsampling to the input size; BN-ReLU-1x1, BN-ReLU-1x1, sigmoid.
+    Upsampling is bilinear with align_corners=True, as the Caffe ``Interp`` layer of
+    the reference model.
     ``depth=0`` keeps the input resolution (2r units, no pooling)."""
 
     def __init__(self, channels: int, depth: int, r: int = 1) -> None:
@@ -109,10 +107,10 @@ class SoftMaskBranch(nn.Module):
             downs.append(y)
         y = self.bottom(y)
         for i in range(self.depth - 2, -1, -1):      # from the deepest skip upwards
-            y = upsample_to(y, downs[i]) + self.skips[i](downs[i])
+            y = resize(y, downs[i].shape[-2:], align_corners=True) + self.skips[i](downs[i])
             y = self.up[i](y)
         if self.depth:
-            y = upsample_to(y, x)
+            y = resize(y, x.shape[-2:], align_corners=True)
         return torch.sigmoid(self.head(y))
 
 
@@ -182,7 +180,7 @@ class ResidualAttentionConfig(BlockConfig):
         return ResidualAttentionModule(site.channels, p=self.p, t=self.t, r=self.r, depth=depth)
 
 
-class ResidualAttentionNet(nn.Module):
+class ResidualAttentionNet(ClassifierMixin, nn.Module):
     """Residual Attention Network for ImageNet (Table 2 of the paper).
 
     Stem: 7x7/2 conv 64, BN, ReLU, 3x3/2 max-pool. ``stages.<i>`` (i = 0..3, at
@@ -190,6 +188,8 @@ class ResidualAttentionNet(nn.Module):
     (stride 2 from stage 1 on), then ``attention_modules[i]`` attention modules (stages 0-2)
     or 2 more units (stage 3). Then BN-ReLU, global average pooling, FC.
     """
+
+    arch_name = "resattnet"
 
     def __init__(self, attention_modules: Sequence[int] = (1, 1, 1), attention: Any = None,
                  num_classes: int = 1000, in_chans: int = 3, img_size: int = 224,
@@ -204,11 +204,8 @@ class ResidualAttentionNet(nn.Module):
         self.num_classes = num_classes
         self.num_features = STAGE_CHANNELS[-1]
         self.drop_rate = drop_rate
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False),
-            nn.BatchNorm2d(64), nn.ReLU(inplace=True),
-            nn.MaxPool2d(3, stride=2, padding=1),
-        )
+        self.stem = nn.Sequential(*ConvBNReLU(in_chans, 64, 7, stride=2),
+                                  nn.MaxPool2d(3, stride=2, padding=1))
         size = _halved(_halved(img_size))
         in_ch = 64
         stages = []
@@ -232,25 +229,7 @@ class ResidualAttentionNet(nn.Module):
             "interpolation": "bilinear", "crop_pct": 0.875, "num_classes": num_classes,
             "first_conv": "stem.0", "classifier": "fc",
         }
-        self._init_weights()
-
-    def _classifier(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"resattnet pools by average only, got global_pool={global_pool!r}")
-        self.num_classes = num_classes
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        self.fc = self._classifier(num_classes)
+        init_weights_(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.stages(self.stem(x)))

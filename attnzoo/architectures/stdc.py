@@ -30,10 +30,18 @@ from pydantic import Field
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from ..blocks._layers import ConvBNReLU, resize
 from ..blocks.base import BlockConfig, Site
 from ..errors import SpecError
 from ..registry import register_architecture, register_block
-from .bisenet import ContextRefinement, ConvBNReLU, build_arch_block, feature_size
+from ._common import (
+    ClassifierMixin,
+    SegmentationHead,
+    build_arch_block,
+    feature_size,
+    init_weights_,
+)
+from .bisenet import ContextRefinement
 
 VARIANTS = {"stdc1": (2, 2, 2), "stdc2": (4, 5, 3)}
 
@@ -71,10 +79,7 @@ class STDCModule(nn.Module):
         )
         if stride == 2:
             half = widths[0]
-            self.downsample = nn.Sequential(
-                nn.Conv2d(half, half, 3, stride=2, padding=1, groups=half, bias=False),
-                nn.BatchNorm2d(half),
-            )
+            self.downsample = ConvBNReLU(half, half, 3, stride=2, relu=False, groups=half)
             self.skip = nn.AvgPool2d(3, stride=2, padding=1)
         else:
             self.downsample = nn.Identity()
@@ -121,7 +126,7 @@ def _stages(in_chans: int, layers: Sequence[int], base: int, num_convs: int) -> 
     return nn.Sequential(*stages)
 
 
-class STDCNet(nn.Module):
+class STDCNet(ClassifierMixin, nn.Module):
     """STDC classification network (Table 2 of the paper).
 
     ``stages.<i>`` (i = 0..4) are the paper's stages 1-5, at strides 2..32:
@@ -131,6 +136,9 @@ class STDCNet(nn.Module):
     FC 1024 -> ReLU -> dropout -> FC. With ``features_only=True`` there is no head
     and ``forward`` returns the five stage outputs.
     """
+
+    classifier_attr = "classifier"
+    arch_name = "stdc"
 
     def __init__(self, layers: Sequence[int] = (2, 2, 2), num_classes: int = 1000,
                  in_chans: int = 3, base: int = 64, num_convs: int = 4,
@@ -156,7 +164,7 @@ class STDCNet(nn.Module):
             self.fc = nn.Linear(self.num_features, self.num_features, bias=False)
             self.act = nn.ReLU(inplace=True)
             self.classifier = self._classifier(num_classes)
-        self._init_weights()
+        init_weights_(self, linear_std=0.001)
 
     def _classifier(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
@@ -164,23 +172,6 @@ class STDCNet(nn.Module):
         classifier = nn.Linear(self.num_features, num_classes, bias=False)
         nn.init.normal_(classifier.weight, std=0.001)
         return classifier
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.001)
-
-    def get_classifier(self) -> nn.Module:
-        return self.classifier
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool not in (None, "avg"):
-            raise ValueError(f"stdc pools by average only, got global_pool={global_pool!r}")
-        self.num_classes = num_classes
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
-        self.classifier = self._classifier(num_classes)
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The outputs of the five stages (strides 2, 4, 8, 16, 32)."""
@@ -226,20 +217,6 @@ def stdcnet(layers: str | Sequence[int] = "stdc1", num_classes: int = 1000, in_c
 # --- STDC-Seg -------------------------------------------------------------------------
 
 
-class SegHead(nn.Sequential):
-    """3x3 conv-BN-ReLU to ``mid_channels`` -> 1x1 conv (no bias) to the outputs, the
-    authors' ``BiSeNetOutput``."""
-
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.conv = ConvBNReLU(in_channels, mid_channels, 3)
-        self.classifier = nn.Conv2d(mid_channels, out_channels, 1, bias=False)
-
-
-def _upsample(x: torch.Tensor, size: Any) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
-
-
 class STDCSeg(nn.Module):
     """STDC-Seg: STDC backbone, BiSeNet-style context path with ARMs, FFM, detail head.
 
@@ -266,10 +243,11 @@ class STDCSeg(nn.Module):
             ffm if ffm is not None else {"type": "ffm", "reduction": 4}, "backbone.args.ffm",
             Site(channels=c8 + cc, out_channels=fusion_channels,
                  size=feature_size(input_size, 8)))
-        self.head = SegHead(fusion_channels, 256, num_classes)
-        self.aux_head16 = SegHead(cc, 64, num_classes)
-        self.aux_head32 = SegHead(cc, 64, num_classes)
-        self.detail_head = SegHead(c8, 64, 1)
+        # the heads' 1x1 convs have no bias, as in the authors' code
+        self.head = SegmentationHead(fusion_channels, 256, num_classes, bias=False)
+        self.aux_head16 = SegmentationHead(cc, 64, num_classes, bias=False)
+        self.aux_head32 = SegmentationHead(cc, 64, num_classes, bias=False)
+        self.detail_head = SegmentationHead(c8, 64, 1, bias=False)
         self.pretrained_cfg = {
             "input_size": input_size, "mean": IMAGENET_DEFAULT_MEAN,
             "std": IMAGENET_DEFAULT_STD, "num_classes": num_classes,
@@ -280,11 +258,12 @@ class STDCSeg(nn.Module):
         size = x.shape[-2:]
         _, _, f8, f16, f32 = self.backbone(x)
         ctx32, ctx16 = self.context_head(f16, f32, f8.shape[-2:])  # at 1/16 and 1/8
-        logits = _upsample(self.head(self.ffm(f8, ctx16)), size)
+        logits = resize(self.head(self.ffm(f8, ctx16)), size, align_corners=True)
         if not self.training:
             return logits
-        return (logits, _upsample(self.aux_head16(ctx16), size),
-                _upsample(self.aux_head32(ctx32), size), _upsample(self.detail_head(f8), size))
+        return (logits, resize(self.aux_head16(ctx16), size, align_corners=True),
+                resize(self.aux_head32(ctx32), size, align_corners=True),
+                resize(self.detail_head(f8), size, align_corners=True))
 
 
 @register_architecture("stdc_seg")
@@ -314,7 +293,7 @@ def detail_target(labels: torch.Tensor, weights: Sequence[float] = (0.6, 0.3, 0.
     edges = []
     for stride in (1, 2, 4):
         edge = F.conv2d(maps, kernel, stride=stride, padding=1).clamp(min=0)
-        edge = F.interpolate(edge, size=maps.shape[-2:], mode="nearest")
+        edge = resize(edge, maps.shape[-2:], mode="nearest")
         edges.append((edge > threshold).to(maps.dtype))
     fuse = torch.tensor(weights, dtype=maps.dtype, device=maps.device).view(1, 3, 1, 1)
     return (F.conv2d(torch.cat(edges, dim=1), fuse) > threshold).to(maps.dtype)
@@ -326,7 +305,7 @@ def detail_loss(detail_logits: torch.Tensor, labels: torch.Tensor, smooth: float
     (N, 1, h, w; resized to the labels' size if needed) and ``detail_target(labels)``."""
     target = detail_target(labels)
     if detail_logits.shape[-2:] != target.shape[-2:]:
-        detail_logits = _upsample(detail_logits, target.shape[-2:])
+        detail_logits = resize(detail_logits, target.shape[-2:], align_corners=True)
     bce = F.binary_cross_entropy_with_logits(detail_logits, target)
     prob = torch.sigmoid(detail_logits).flatten(1)
     tgt = target.flatten(1)

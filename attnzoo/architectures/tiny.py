@@ -17,24 +17,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..blocks._layers import ConvBnAct
 from ..errors import SpecError
 from ..registry import register_architecture
+from ._common import ClassifierMixin
 
 
-class ConvBnAct(nn.Module):
-    """3x3 convolution, batch norm, ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
-
-class TinyCNN(nn.Module):
+class TinyCNN(ClassifierMixin, nn.Module):
     """A few stages of 3x3 conv blocks, pooled and classified.
 
     Args:
@@ -46,6 +35,8 @@ class TinyCNN(nn.Module):
         img_size: the (square) input size the model is made for; only recorded in
             ``pretrained_cfg`` (the network itself takes any size).
     """
+
+    arch_name = "tiny_cnn"
 
     def __init__(self, in_chans: int = 1, num_classes: int = 10,
                  widths: Sequence[int] = (32, 64), depths: Sequence[int] = (2, 2),
@@ -66,7 +57,7 @@ class TinyCNN(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.drop = nn.Dropout(drop_rate)
         self.num_classes = num_classes
-        self.fc = self._make_classifier(num_classes)
+        self.fc = self._classifier(num_classes)
         self.pretrained_cfg: dict[str, Any] = {
             "input_size": (in_chans, img_size, img_size),
             "mean": (0.0,) * in_chans,
@@ -80,18 +71,6 @@ class TinyCNN(nn.Module):
     def default_cfg(self) -> dict[str, Any]:
         """timm's older name for ``pretrained_cfg``."""
         return self.pretrained_cfg
-
-    def _make_classifier(self, num_classes: int) -> nn.Module:
-        return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """A new, randomly initialised classifier with ``num_classes`` outputs (0: none)."""
-        self.num_classes = num_classes
-        self.fc = self._make_classifier(num_classes)
-        self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last feature map, (N, num_features, H', W')."""

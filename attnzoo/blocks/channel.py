@@ -10,17 +10,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..registry import register_block
+from ._layers import ConvBnAct, check_odd, reduced_channels
 from .base import BlockConfig, Site
-
-
-def reduced_channels(channels: int, reduction: float, min_channels: int = 1, divisor: int = 1
-                     ) -> int:
-    """``channels / reduction``, at least ``min_channels``, rounded to a multiple of
-    ``divisor`` (1 = the papers' plain C/r)."""
-    value = max(min_channels, int(channels / reduction))
-    if divisor > 1:
-        value = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    return value
 
 
 class SqueezeExcite(nn.Module):
@@ -95,50 +86,10 @@ class ECAConfig(BlockConfig):
     @field_validator("kernel_size")
     @classmethod
     def _odd_kernel(cls, k: int | None) -> int | None:
-        if k is not None and k % 2 == 0:
-            raise ValueError(f"kernel_size must be odd to keep C channels, got {k}")
-        return k
-
-
-class Identity(nn.Module):
-    """Returns its input. The ``identity`` block: ``replace`` a module with it to remove
-    that module (e.g. the BN that followed a conv which SK replaces, since SK's branches
-    carry their own BN and ReLU)."""
-
-    def __init__(self, channels: int | None = None) -> None:
-        super().__init__()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-@register_block
-class IdentityConfig(BlockConfig):
-    """No-op block: removes the module it replaces (channels must not change)."""
-
-    type: Literal["identity"]
-
-    module = Identity
+        return k if k is None else check_odd(k, purpose="keep C channels")
 
 
 # --- Selective Kernel (SK) -------------------------------------------------------------
-
-class SKBranch(nn.Module):
-    """One SK path: a (dilated) conv, BN and ReLU, as the paper's "efficient grouped
-    convolutions, Batch Normalization and ReLU in sequence"."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int,
-                 stride: int, groups: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
-                              padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
-                              groups=groups, bias=False)
-        self.bn = nn.BatchNorm2d(out_channels)
-        self.act = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
-
 
 class SelectiveKernel(nn.Module):
     """SK convolution (Li et al., 1903.06586): split, fuse, select.
@@ -173,8 +124,10 @@ class SelectiveKernel(nn.Module):
         self.branches = nn.ModuleList()
         for k in kernel_sizes:
             kernel, dil = (3, dilation * (k - 1) // 2) if dilate else (k, dilation)
-            self.branches.append(SKBranch(in_per_branch, out_channels, kernel, dil, stride,
-                                          groups))
+            # one SK path: a (dilated) grouped conv, BN and ReLU, as the paper's
+            # "efficient grouped convolutions, Batch Normalization and ReLU in sequence"
+            self.branches.append(ConvBnAct(in_per_branch, out_channels, kernel, stride=stride,
+                                           dilation=dil, groups=groups))
         hidden = reduced_channels(out_channels, reduction, min_channels)
         self.fc_reduce = nn.Conv2d(out_channels, hidden, 1, bias=False)
         self.bn = nn.BatchNorm2d(hidden)

@@ -9,8 +9,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..registry import register_block
+from ._layers import check_odd, reduced_channels
 from .base import BlockConfig
-from .channel import reduced_channels
 
 
 class CBAMChannelGate(nn.Module):
@@ -70,9 +70,7 @@ class CBAMConfig(BlockConfig):
     @field_validator("spatial_kernel")
     @classmethod
     def _odd(cls, k: int) -> int:
-        if k % 2 == 0:
-            raise ValueError(f"spatial_kernel must be odd to keep the map size, got {k}")
-        return k
+        return check_odd(k, "spatial_kernel")
 
     module = CBAM
 

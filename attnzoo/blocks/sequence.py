@@ -34,32 +34,14 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..registry import register_block
+from ._layers import like_input, to_tokens
 from .base import BlockConfig, Site
 
 Score = Literal["additive", "dot", "scaled_dot", "bilinear"]
 Mode = Literal["soft", "hard_argmax", "hard_sample"]
 MaskConvention = Literal["multihead_attention", "sdpa"]
 
-# --- shared helpers --------------------------------------------------------------------
-
-
-def to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) -> (N, H*W, C); a (B, N, C) sequence is returned as it is."""
-    if x.dim() == 4:
-        return x.flatten(2).transpose(1, 2)
-    if x.dim() != 3:
-        raise ValueError(f"expected a (B, N, C) sequence or an (N, C, H, W) map, "
-                         f"got shape {tuple(x.shape)}")
-    return x
-
-
-def like_input(tokens: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Tokens (N, H*W, C') back to the layout of ``x``: a map (N, C', H, W) if ``x`` was
-    one, else the tokens unchanged."""
-    if x.dim() == 4:
-        n, _, h, w = x.shape
-        return tokens.transpose(1, 2).reshape(n, tokens.shape[-1], h, w)
-    return tokens
+# --- masks -----------------------------------------------------------------------------
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -10,13 +10,8 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..registry import register_block
+from ._layers import check_odd, resize
 from .base import BlockConfig
-
-
-def _odd_kernel(k: int) -> int:
-    if k % 2 == 0:
-        raise ValueError(f"kernel_size must be odd to keep the map size, got {k}")
-    return k
 
 # --- stn: Spatial Transformer Networks (Jaderberg et al., 1506.02025) -------------------
 
@@ -66,8 +61,7 @@ class SpatialTransformer(nn.Module):
 
     def affine(self, x: torch.Tensor) -> torch.Tensor:
         """The (N, 2, 3) affine transforms the localisation net predicts for ``x``."""
-        small = F.interpolate(x, size=(self.loc_resolution, self.loc_resolution),
-                              mode="bilinear", align_corners=False)
+        small = resize(x, (self.loc_resolution, self.loc_resolution))
         return self.theta(self.fc(self.features(small))).view(-1, 2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +91,7 @@ class STNConfig(BlockConfig):
     @field_validator("kernel_size")
     @classmethod
     def _odd(cls, k: int) -> int:
-        return _odd_kernel(k)
+        return check_odd(k)
 
 
 # --- reverse: Reverse Attention (RAS, Chen et al., 1807.09940) -------------------------
@@ -127,8 +121,7 @@ class ReverseAttention(nn.Module):
         self.residual = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-        coarse = F.interpolate(coarse, size=features.shape[-2:], mode="bilinear",
-                               align_corners=False)
+        coarse = resize(coarse, features.shape[-2:])
         reverse_weight = 1.0 - torch.sigmoid(coarse)
         return coarse + self.residual(features * reverse_weight)
 
@@ -148,55 +141,4 @@ class ReverseConfig(BlockConfig):
     @field_validator("kernel_size")
     @classmethod
     def _odd(cls, k: int) -> int:
-        return _odd_kernel(k)
-
-
-# --- double_attention: A^2-Nets (Chen et al., 1810.11579) ------------------------------
-
-
-class DoubleAttention(nn.Module):
-    """Double attention block (A^2-Nets, 1810.11579, eq. 4-7 and Fig. 2).
-
-    Gather: ``n`` attention maps B (1x1 conv, softmax over the H*W positions) pool the
-    ``m`` features A (1x1 conv) into ``n`` global descriptors, ``G = A softmax(B)^T``
-    (second-order attention pooling, m x n). Distribute: at every position, attention
-    vectors V (1x1 conv, softmax over the ``n`` descriptors) mix the descriptors,
-    ``Z = G softmax(V)``. A 1x1 conv maps Z back to C channels and adds it to the input.
-    ``m`` and ``n`` default to C/2. ``reset_identity_`` zeroes the last conv.
-    """
-
-    def __init__(self, channels: int, c_m: int | None = None, c_n: int | None = None) -> None:
-        super().__init__()
-        c_m = c_m or max(1, channels // 2)
-        c_n = c_n or max(1, channels // 2)
-        self.features = nn.Conv2d(channels, c_m, 1)         # A
-        self.gather_maps = nn.Conv2d(channels, c_n, 1)      # B
-        self.distribute_maps = nn.Conv2d(channels, c_n, 1)  # V
-        self.reconstruct = nn.Conv2d(c_m, channels, 1)
-
-    def reset_identity_(self) -> None:
-        nn.init.zeros_(self.reconstruct.weight)
-        nn.init.zeros_(self.reconstruct.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        features = self.features(x).flatten(2)                           # (N, m, HW)
-        gather = self.gather_maps(x).flatten(2).softmax(dim=-1)          # (N, n, HW)
-        distribute = self.distribute_maps(x).flatten(2).softmax(dim=1)   # (N, n, HW)
-        descriptors = torch.bmm(features, gather.transpose(1, 2))        # (N, m, n)
-        z = torch.bmm(descriptors, distribute).reshape(n, -1, h, w)      # (N, m, H, W)
-        return x + self.reconstruct(z)
-
-
-@register_block
-class DoubleAttentionConfig(BlockConfig):
-    """Double attention (A^2-Nets), https://arxiv.org/abs/1810.11579"""
-
-    type: Literal["double_attention"]
-    c_m: int | None = Field(None, ge=1, description="Channels m of the gathered features "
-                            "(C/2 when unset).")
-    c_n: int | None = Field(None, ge=1, description="Number n of attention maps / global "
-                            "descriptors (C/2 when unset).")
-
-    module = DoubleAttention
-    residual = True
+        return check_odd(k)
