@@ -24,6 +24,7 @@ from .meta_init import parameters_on_meta
 from .registry import block_configs, did_you_mean, get_architecture
 from .sites import SiteRef, resolve_sites
 from .spec import ModelSpec
+from .timm_cfg import apply_zoo_cfg
 from .validation import parse_block
 
 AFTER, BEFORE = "attnzoo_after", "attnzoo_before"
@@ -278,6 +279,7 @@ def build_model(spec: ModelSpec, num_classes: int | None = None, *,
     model.attnzoo_spec, model.attnzoo_unrecorded_args = _as_built(spec, num_classes,
                                                                    backbone_args)
     model.attnzoo_blocks = inserted
+    apply_zoo_cfg(model, spec)
     return model
 
 

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+from pathlib import Path
+
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
+
 
 class AttnZooError(Exception):
     """Base class of every error that attnzoo raises on purpose."""
@@ -13,3 +20,19 @@ class SpecError(AttnZooError, ValueError):
 
 class WeightsError(AttnZooError):
     """Weights are missing, refused (pickle), corrupt, or do not fit the model."""
+
+
+def short_list(items: list[str], n: int = 8) -> str:
+    """The first ``n`` items, comma-separated, and how many more."""
+    more = f", ... ({len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(items[:n]) + more
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first frame outside attnzoo (the user's call),
+    so the warning points at the line that asked for it."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(
+            _PACKAGE):
+        level, frame = level + 1, frame.f_back
+    warnings.warn(message, category, stacklevel=level)

@@ -22,6 +22,7 @@ from .builder import build_model
 from .errors import WeightsError
 from .meta_init import fill_meta_tensors, meta_tensors
 from .spec import ModelSpec
+from .timm_cfg import apply_zoo_cfg
 
 
 def classifier_names(model: nn.Module) -> list[str]:
@@ -115,6 +116,11 @@ class WeightsPlan:
     num_classes: int | None = None
     #: True when a saved folder's head may be replaced for another ``num_classes``.
     new_head_on_request: bool = False
+    #: How the model is built for these weights: "skip" (parameters on meta, the file
+    #: holds all of them) or "random" (the file holds a part, e.g. a backbone).
+    init: str = "skip"
+    #: Loads a partial state dict instead of the whole-model load (see backbone.py).
+    apply: Callable[[nn.Module, dict[str, torch.Tensor], int | None], None] | None = None
 
     def allows_new_head(self, model: nn.Module, num_classes: int | None) -> bool:
         if self.new_head_on_request:
@@ -152,6 +158,11 @@ def reading(plan: WeightsPlan | None) -> Iterator[PendingWeights | None]:
         pending.future.result()
 
 
+def build_init(pending: PendingWeights | None) -> str:
+    """The ``init`` mode of ``build_model`` for these weights ("random" without any)."""
+    return "random" if pending is None else pending.plan.init
+
+
 def load_weights(model: nn.Module, pending: PendingWeights | None, spec: ModelSpec,
                  num_classes: int | None, backbone_args: dict[str, Any]) -> None:
     """Assign the verified tensors of ``pending`` to ``model`` (built from ``spec`` with
@@ -163,6 +174,10 @@ def load_weights(model: nn.Module, pending: PendingWeights | None, spec: ModelSp
         return
     plan = pending.plan
     state = pending.future.result()
+    if plan.apply is not None:
+        plan.apply(model, state, num_classes)
+        _record(model, spec, plan)
+        return
     load_checked(model, state, plan.where, assign=True,
                  allow_new_head=plan.allows_new_head(model, num_classes))
     del state
@@ -172,8 +187,13 @@ def load_weights(model: nn.Module, pending: PendingWeights | None, spec: ModelSp
         still = meta_tensors(model)
         if still:  # the normal build has them on meta too: a bug in that module
             raise WeightsError(f"{spec.name}: cannot materialise {_short(still)}")
+    _record(model, spec, plan)
+
+
+def _record(model: nn.Module, spec: ModelSpec, plan: WeightsPlan) -> None:
     model.attnzoo_weights = dict(plan.record)
+    apply_zoo_cfg(model, spec, model.attnzoo_weights)
 
 
-__all__ = ["PendingWeights", "WeightsPlan", "classifier_names", "load_checked",
+__all__ = ["PendingWeights", "WeightsPlan", "build_init", "classifier_names", "load_checked",
            "load_weights", "reading"]

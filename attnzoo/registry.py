@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 _BLOCKS: dict[str, type[BlockConfig]] = {}
 _ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {}
+_BACKBONES: dict[str, tuple[str, str]] = {}
 
 C = TypeVar("C", bound="type[BlockConfig]")
 F = TypeVar("F", bound=Callable[..., "nn.Module"])
@@ -35,13 +36,21 @@ def register_block(config_cls: C) -> C:
     return config_cls
 
 
-def register_architecture(name: str) -> Callable[[F], F]:
-    """Decorator: register a factory as the attnzoo backbone ``name``."""
+def register_architecture(name: str, *, timm_backbone: tuple[str, str] | None = None
+                          ) -> Callable[[F], F]:
+    """Decorator: register a factory as the attnzoo backbone ``name``.
+
+    ``timm_backbone=(module_path, arg)`` declares that the built network holds a timm
+    model at ``module_path``, named by the factory's argument ``arg``: then
+    ``pretrained_backbone=`` loads that timm model's checkpoint there.
+    """
 
     def wrap(factory: F) -> F:
         if name in _ARCHITECTURES and _ARCHITECTURES[name] is not factory:
             raise RuntimeError(f"architecture {name!r} is registered twice")
         _ARCHITECTURES[name] = factory
+        if timm_backbone is not None:
+            _BACKBONES[name] = timm_backbone
         return factory
 
     return wrap
@@ -72,6 +81,11 @@ def get_architecture(name: str) -> Callable[..., nn.Module]:
     if not isinstance(name, str) or name not in archs:
         raise SpecError(f"unknown attnzoo architecture {name!r}{did_you_mean(name, archs)}")
     return archs[name]
+
+
+def architecture_backbone(name: str) -> tuple[str, str] | None:
+    """(module path, factory arg) of the timm backbone inside architecture ``name``."""
+    return _BACKBONES.get(name)
 
 
 def did_you_mean(name: str, choices, n: int = 3) -> str:

@@ -14,69 +14,27 @@ of a millisecond each); models are built when ``timm.create_model`` asks for one
 
 from __future__ import annotations
 
-import dataclasses
-import re
 import warnings
 from typing import Any
 
 import timm
 from timm.models import (
     generate_default_cfgs,
-    get_pretrained_cfg,
     register_model,
-    resolve_pretrained_cfg,
 )
 from timm.models._registry import model_entrypoint
 from torch import nn
 
 from .errors import SpecError, WeightsError
 from .features import features_model
+from .manifests import load_manifest, weights_dir
 from .pretrained import create_model
-from .spec import ModelSpec
+from .timm_cfg import WEIGHT_SOURCES, zoo_pretrained_cfg
 from .zoo import load_spec, spec_files
 
 #: Read by timm's ``register_model``: the pretrained (data) config of every zoo model.
 default_cfgs: dict[str, Any] = {}
 __all__: list[str] = []  # register_model appends each entry point's name
-
-# Fields of the backbone's pretrained cfg that describe the input and the head, not a
-# particular checkpoint; they carry over to the zoo model.
-_DATA_FIELDS = ("input_size", "min_input_size", "fixed_input_size", "interpolation",
-                "crop_pct", "crop_mode", "mean", "std", "num_classes", "pool_size",
-                "first_conv", "classifier")
-_WEIGHT_SOURCES = ("url", "file", "state_dict", "hf_hub_id")
-
-
-def zoo_pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
-    """The timm pretrained cfg of a zoo model: the data config of its backbone (input
-    size, mean/std, crop, first conv, classifier), the spec's own input size and class
-    count, and the spec's description, paper and license. It names no weight source:
-    zoo weights are loaded by attnzoo from pinned, checksummed manifests."""
-    cfg: dict[str, Any] = {}
-    if spec.backbone.source == "timm":
-        backbone_cfg = get_pretrained_cfg(spec.backbone.name)
-        if backbone_cfg is not None:
-            cfg = {k: v for k, v in dataclasses.asdict(backbone_cfg).items()
-                   if k in _DATA_FIELDS and v is not None}
-    size = spec.backbone.args.get("img_size")
-    if size is not None:
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        cfg["input_size"] = (cfg.get("input_size", (3,))[0], *hw)
-    if spec.input_size is not None:
-        cfg["input_size"] = tuple(spec.input_size)
-    if spec.num_classes is not None:
-        cfg["num_classes"] = spec.num_classes
-    cfg.update(architecture=spec.name, description=spec.description or None,
-               license=spec.license, paper_ids=_paper_id(spec.paper))
-    return {k: v for k, v in cfg.items() if v is not None}
-
-
-def _paper_id(url: str | None) -> str | None:
-    if not url:
-        return None
-    m = re.search(r"arxiv\.org/(?:abs|pdf)/([0-9]{4}\.[0-9]{4,5})", url)
-    return f"arXiv:{m[1]}" if m else url
-
 
 def _make_entrypoint(name: str):
     """A timm entry point that builds the zoo model ``name`` through attnzoo."""
@@ -87,14 +45,18 @@ def _make_entrypoint(name: str):
                    out_indices: Any = None, feature_cls: Any = None,
                    feature_cfg: dict[str, Any] | None = None, **kwargs: Any) -> nn.Module:
         tag = pretrained_cfg if isinstance(pretrained_cfg, str) else None
-        cfg = _resolve_cfg(name, None if tag else pretrained_cfg, pretrained_cfg_overlay)
-        if pretrained and any(cfg.get(k) for k in _WEIGHT_SOURCES):
+        given = {} if pretrained_cfg is None or tag else dict(_as_dict(pretrained_cfg))
+        if pretrained and any((given.get(k) or (pretrained_cfg_overlay or {}).get(k))
+                              for k in WEIGHT_SOURCES):
             raise WeightsError(
                 f"{name}: a weight source in pretrained_cfg is not used for zoo models; "
                 "load a state dict yourself or use pretrained=True (attnzoo's manifests)")
-        model = create_model(name, pretrained=(tag or True) if pretrained else False,
+        if tag and "." in tag:  # timm passes the tag of "name.tag" alone; accept both
+            tag = tag.split(".", 1)[1] if tag.startswith(f"{name}.") else tag
+        model = create_model(name, pretrained=(tag or True) if pretrained else None,
                              num_classes=kwargs.pop("num_classes", None), **kwargs)
-        model.pretrained_cfg = model.default_cfg = cfg
+        if pretrained_cfg_overlay:
+            model.pretrained_cfg = {**model.pretrained_cfg, **pretrained_cfg_overlay}
         if features_only:
             model = features_model(model, out_indices=out_indices, feature_cls=feature_cls,
                                    **(feature_cfg or {}))
@@ -106,12 +68,31 @@ def _make_entrypoint(name: str):
     return entrypoint
 
 
-def _resolve_cfg(name: str, pretrained_cfg: Any, overlay: dict[str, Any] | None
-                 ) -> dict[str, Any]:
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+
+
+def _tagged_cfgs(name: str, cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{name.tag: cfg}`` for every weights tag of zoo model ``name`` (the default tag
+    first, as timm takes it), each naming its source so that
+    ``timm.list_models(pretrained=True)`` lists it; ``{name: cfg}`` without weights."""
     try:
-        return resolve_pretrained_cfg(name, pretrained_cfg, overlay).to_dict()
-    except RuntimeError:  # a weights tag timm does not know: attnzoo resolves tags itself
-        return resolve_pretrained_cfg(name, None, overlay).to_dict()
+        manifest = load_manifest(name)
+    except WeightsError as exc:
+        warnings.warn(f"attnzoo: the weights manifest of {name!r} is invalid: {exc}",
+                      stacklevel=3)
+        manifest = None
+    if manifest is None:
+        return {name: cfg}
+    tags = [manifest.default, *(t for t in manifest.tags if t != manifest.default)]
+    out = {}
+    for tag in tags:
+        entry = manifest.tags[tag]
+        source = ({"hf_hub_id": entry.repo} if entry.repo
+                  else {"file": str(weights_dir() / entry.file)})
+        out[f"{name}.{tag}"] = {**cfg, **source, "license": entry.license or cfg.get("license"),
+                                "num_classes": entry.num_classes or cfg.get("num_classes")}
+    return out
 
 
 def register_zoo_with_timm() -> list[str]:
@@ -135,7 +116,7 @@ def register_zoo_with_timm() -> list[str]:
             warnings.warn(f"attnzoo: zoo spec {name!r} is invalid and is not registered "
                           f"with timm: {exc}", stacklevel=2)
             continue
-        default_cfgs.update(generate_default_cfgs({name: cfg}))
+        default_cfgs.update(generate_default_cfgs(_tagged_cfgs(name, cfg)))
         entrypoint = _make_entrypoint(name)
         globals()[name] = entrypoint
         register_model(entrypoint)

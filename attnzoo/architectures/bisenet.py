@@ -119,13 +119,16 @@ class ContextRefinement(nn.Module):
     1/32 features pass through an ARM, gain the global-average context and are
     upsampled to 1/16; the 1/16 features pass through an ARM, gain that, and are
     upsampled to ``out_size``. Each sum is refined by a 3x3 conv-BN-ReLU after the
-    upsampling. ``arm`` is a block config (any one-map block can stand in)."""
+    upsampling. ``arm`` is a block config (any one-map block can stand in).
+    ``align_corners`` applies to bilinear upsampling (BiSeNet's authors use True)."""
 
     def __init__(self, c16: int, c32: int, channels: int, arm: Any,
                  input_size: tuple[int, int, int],
-                 mode: Literal["nearest", "bilinear"] = "nearest") -> None:
+                 mode: Literal["nearest", "bilinear"] = "nearest",
+                 align_corners: bool = False) -> None:
         super().__init__()
         self.mode = mode
+        self.align_corners = align_corners
         self.global_context = ConvBNReLU(c32, channels, 1)
         self.reduce32 = ConvBNReLU(c32, channels, 3)
         self.reduce16 = ConvBNReLU(c16, channels, 3)
@@ -142,8 +145,9 @@ class ContextRefinement(nn.Module):
         """(refined 1/32 context at 1/16, refined 1/16 context at ``out_size``)."""
         tail = self.global_context(c32.mean((2, 3), keepdim=True))
         f32 = self.refine32(resize(self.arm32(self.reduce32(c32)) + tail, c16.shape[-2:],
-                                   self.mode))
-        f16 = self.refine16(resize(self.arm16(self.reduce16(c16)) + f32, out_size, self.mode))
+                                   self.mode, self.align_corners))
+        f16 = self.refine16(resize(self.arm16(self.reduce16(c16)) + f32, out_size, self.mode,
+                                   self.align_corners))
         return f32, f16
 
 
@@ -152,20 +156,26 @@ class BiSeNetV1(nn.Module):
     training mode it returns the tuple ``(logits, aux16, aux8)``: the main output and
     the two auxiliary heads on the context path (after the 1/32 and 1/16 stages), all
     at the input size, which the paper supervises with the same loss.
+
+    Every bilinear upsampling (in the context path and of the three heads' logits) uses
+    ``align_corners=True``, as the authors' code (TorchSeg's BiSeNet) does.
     """
 
     def __init__(self, num_classes: int = 19, backbone: str = "resnet18", in_chans: int = 3,
                  context_channels: int = 128, spatial_channels: int = 128,
                  fusion_channels: int = 256, arm: Any = None, ffm: Any = None,
-                 input_size: tuple[int, int, int] = (3, 1024, 2048)) -> None:
+                 input_size: tuple[int, int, int] = (3, 1024, 2048),
+                 align_corners: bool = True) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.align_corners = align_corners
         self.spatial_path = SpatialPath(in_chans, 64, spatial_channels)
         self.context_path = timm.create_model(backbone, pretrained=False, features_only=True,
                                               out_indices=(3, 4), in_chans=in_chans)
         c16, c32 = self.context_path.feature_info.channels()
         cc = context_channels
-        self.context_head = ContextRefinement(c16, c32, cc, arm, input_size, mode="bilinear")
+        self.context_head = ContextRefinement(c16, c32, cc, arm, input_size, mode="bilinear",
+                                              align_corners=align_corners)
         self.ffm = build_arch_block(
             ffm if ffm is not None else {"type": "ffm"}, "backbone.args.ffm",
             Site(channels=spatial_channels + cc, out_channels=fusion_channels,
@@ -184,19 +194,23 @@ class BiSeNetV1(nn.Module):
         spatial = self.spatial_path(x)
         c16, c32 = self.context_path(x)
         f32, f16 = self.context_head(c16, c32, spatial.shape[-2:])
-        logits = resize(self.head(self.ffm(spatial, f16)), size)
+        corners = self.align_corners
+        logits = resize(self.head(self.ffm(spatial, f16)), size, align_corners=corners)
         if not self.training:
             return logits
-        return logits, resize(self.aux_head16(f32), size), resize(self.aux_head8(f16), size)
+        return (logits, resize(self.aux_head16(f32), size, align_corners=corners),
+                resize(self.aux_head8(f16), size, align_corners=corners))
 
 
-@register_architecture("bisenetv1")
+@register_architecture("bisenetv1", timm_backbone=("context_path", "backbone"))
 def bisenetv1(num_classes: int = 19, backbone: str = "resnet18", in_chans: int = 3,
               arm: dict[str, Any] | None = None, ffm: dict[str, Any] | None = None,
-              context_channels: int = 128) -> BiSeNetV1:
+              context_channels: int = 128, align_corners: bool = True) -> BiSeNetV1:
     """BiSeNet V1 on a timm ResNet context path. ``arm`` / ``ffm``: block configs
-    (default ``{type: arm}`` / ``{type: ffm}``); ``num_classes`` 19 (Cityscapes)."""
+    (default ``{type: arm}`` / ``{type: ffm}``); ``num_classes`` 19 (Cityscapes);
+    ``align_corners`` of the bilinear upsamplings (True: the authors' code)."""
     if not timm.is_model(backbone):
         raise SpecError(f"backbone.args.backbone: timm has no model {backbone!r}")
     return BiSeNetV1(num_classes=num_classes, backbone=backbone, in_chans=in_chans,
-                     arm=arm, ffm=ffm, context_channels=context_channels)
+                     arm=arm, ffm=ffm, context_channels=context_channels,
+                     align_corners=align_corners)

@@ -8,10 +8,13 @@ Global Attention Upsample modules (GAU) then decode with res4, res3 and res2, an
 FPA and GAU are registered block types (``fpa``, ``gau``) and spec fields of the
 architecture (``backbone.args.fpa`` / ``backbone.args.gau``).
 
-Choices where the paper is silent (it has no reference code): the pyramid is one
-channel wide (a pixel-level attention map broadcast over the channels), each level
-downsamples with a stride-2 conv (so any map size works, down to 1x1), the levels are
-merged by bilinear upsampling and addition, and the decoder is 256 channels wide.
+The FPA's pyramid downsamples by 2x2 pooling before each level's conv, as the paper
+has it (its ablation compares average and max pooling; average pooling, with the 7/5/3
+kernels and the global pooling branch, is its FPA). Choices where the paper is silent
+(it has no reference code): the pyramid is one channel wide (a pixel-level attention
+map broadcast over the channels), pooling rounds up (``ceil_mode``: a 1x1 map stays
+1x1, even sizes are unchanged), the levels are merged by bilinear upsampling and
+addition, and the decoder is 256 channels wide.
 """
 
 from __future__ import annotations
@@ -37,25 +40,36 @@ class FeaturePyramidAttention(nn.Module):
     """FPA: ``master(x) * pyramid(x) + global(x)``.
 
     * master: 1x1 conv-BN-ReLU, ``channels`` -> ``out_channels``;
-    * pyramid: a U-shape over three scales. Down: 7x7, 5x5, 3x3 conv-BN-ReLU, each with
-      stride 2, to ``pyramid_channels`` (1: a pixel-level attention map). At each
-      scale a second conv of the same kernel refines the map; going up, the coarser
-      map is bilinearly upsampled and added, up to the input size;
+    * pyramid: a U-shape over three scales. Down: 2x2 pooling (``downsample``: average
+      or max, the paper's two choices; ``"conv"`` makes the conv itself stride 2
+      instead), then a 7x7, 5x5, 3x3 conv-BN-ReLU to ``pyramid_channels`` (1: a
+      pixel-level attention map). At each scale a second conv of the same kernel
+      refines the map; going up, the coarser map is bilinearly upsampled and added, up
+      to the input size;
     * global: global average pooling -> 1x1 conv-BN-ReLU, broadcast over the map.
     """
 
     def __init__(self, channels: int, out_channels: int | None = None,
-                 pyramid_channels: int = 1, kernels: tuple[int, ...] = (7, 5, 3)) -> None:
+                 pyramid_channels: int = 1, kernels: tuple[int, ...] = (7, 5, 3),
+                 downsample: str = "avg") -> None:
         super().__init__()
         out = out_channels or channels
         if pyramid_channels not in (1, out):
             raise ValueError(f"pyramid_channels must be 1 or out_channels ({out}), "
                              f"got {pyramid_channels}")
+        pools = {"avg": nn.AvgPool2d(2, ceil_mode=True), "max": nn.MaxPool2d(2, ceil_mode=True),
+                 "conv": nn.Identity()}
+        if downsample not in pools:
+            raise ValueError(f"downsample must be one of {', '.join(pools)}, got {downsample!r}")
+        self.downsample = downsample
+        self.pool = pools[downsample]
         self.master = ConvBNReLU(channels, out, 1)
         self.global_branch = ConvBNReLU(channels, out, 1)
         widths = [channels] + [pyramid_channels] * len(kernels)
+        stride = 2 if downsample == "conv" else 1
         self.down = nn.ModuleList(
-            ConvBNReLU(widths[i], pyramid_channels, k, stride=2) for i, k in enumerate(kernels))
+            ConvBNReLU(widths[i], pyramid_channels, k, stride=stride)
+            for i, k in enumerate(kernels))
         self.lateral = nn.ModuleList(
             ConvBNReLU(pyramid_channels, pyramid_channels, k) for k in kernels)
 
@@ -63,7 +77,7 @@ class FeaturePyramidAttention(nn.Module):
         levels = []
         y = x
         for down, lateral in zip(self.down, self.lateral, strict=True):
-            y = down(y)
+            y = down(self.pool(y))
             levels.append(lateral(y))
         attention = levels[-1]
         for level in reversed(levels[:-1]):
@@ -82,6 +96,10 @@ class FPAConfig(BlockConfig):
                                   "pixel-level attention map, or the output width.")
     kernels: tuple[int, ...] = Field((7, 5, 3), min_length=1, description="Kernel of each "
                                      "pyramid level, finest first (the paper: 7, 5, 3).")
+    downsample: Literal["avg", "max", "conv"] = Field(
+        "avg", description="How each pyramid level halves the map: 2x2 average pooling "
+        "(the paper's FPA), 2x2 max pooling (the other pooling of its ablation), or a "
+        "stride-2 conv (attnzoo's earlier reading).")
 
     module = FeaturePyramidAttention
 
@@ -173,7 +191,7 @@ class PyramidAttentionNetwork(nn.Module):
         return resize(self.classifier(y), x.shape[-2:])
 
 
-@register_architecture("pan")
+@register_architecture("pan", timm_backbone=("encoder", "backbone"))
 def pan(num_classes: int = 21, backbone: str = "resnet50", in_chans: int = 3,
         output_stride: int = 16, decoder_channels: int = 256,
         fpa: dict[str, Any] | None = None, gau: dict[str, Any] | None = None

@@ -91,7 +91,7 @@ class ReverseAttentionSaliency(nn.Module):
         return tuple(resize(o, size) for o in reversed(outputs))
 
 
-@register_architecture("ras")
+@register_architecture("ras", timm_backbone=("encoder", "backbone"))
 def ras(backbone: str = "resnet50", in_chans: int = 3, side: dict[str, Any] | None = None,
         head_width: int = 256, num_classes: int = 1) -> ReverseAttentionSaliency:
     """RAS on a timm ResNet. ``side``: the side-output block config (default
