@@ -8,8 +8,6 @@ This module only re-exports. Importing it registers the catalogue (every block i
 spec as a timm model name.
 """
 
-from __future__ import annotations
-
 from . import architectures, blocks  # noqa: F401  (registration: the catalogue)
 from ._version import __version__
 from .builder import (
@@ -38,3 +36,12 @@ __all__ = [
 
 # Every zoo spec becomes a timm model name (reads the spec files; builds nothing).
 register_zoo_with_timm()
+
+#: Submodules the docs name (``attnzoo.convert.from_timm``, the catalogue packages).
+_PUBLIC_MODULES = ["architectures", "blocks", "convert"]
+
+
+def __dir__() -> list[str]:
+    """The public API only: ``dir(attnzoo)`` and tab completion show ``__all__`` and the
+    documented submodules, not the names the package imports for itself."""
+    return sorted([*__all__, *_PUBLIC_MODULES])

@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,9 +41,11 @@ class InsertedBlock:
     block_type: str
     site: str           # the backbone module path the block is attached to
     position: str
-    channels: int
+    channels: int       # the block's input: channels and spatial size (or token count)
     size: tuple[int, ...] | None
     params: int
+    out_channels: int | None = None  # its output (differs from the input at replace sites)
+    out_size: tuple[int, ...] | None = None
 
 
 class IdentityBlend(nn.Module):
@@ -262,25 +266,46 @@ def build_model(spec: ModelSpec, num_classes: int | None = None, *,
         with torch.device(device):
             return build_model(spec, num_classes, **backbone_args)
     n_cls = num_classes if num_classes is not None else spec.num_classes
-    model = _make_backbone(spec, n_cls, backbone_args)
+    with _located(spec, "backbone"):
+        model = _make_backbone(spec, n_cls, backbone_args)
     plan: list[tuple[str, BlockConfig, SiteRef, bool]] = []
+    plan_index: list[int] = []  # the insertion of each plan entry
     for i, ins in enumerate(spec.insert):
         where = f"{spec.name}: insert[{i}] ({ins.block.block_type()})"
-        if ins.zero_init and not isinstance(ins.at, str) and ins.at.position == "replace":
-            raise SpecError(f"{where}: zero_init cannot apply to a 'replace' site")
-        for site in resolve_sites(model, ins, where):
-            plan.append((where, ins.block, site, ins.zero_init))
-    _refuse_sites_inside_replacements(plan)
-    input_size = probe_input_size(model, spec, {**spec.backbone.args, **backbone_args})
-    shapes = probe(model, {s.path for _, _, s, _ in plan}, input_size) if plan else {}
+        with _located(spec, "insert", i):
+            if ins.zero_init and not isinstance(ins.at, str) and ins.at.position == "replace":
+                raise SpecError(f"{where}: zero_init cannot apply to a 'replace' site")
+            for site in resolve_sites(model, ins, where):
+                plan.append((where, ins.block, site, ins.zero_init))
+                plan_index.append(i)
+    with _located(spec, "insert"):
+        _refuse_sites_inside_replacements(plan)
+    with _located(spec, "input_size" if spec.input_size is not None else "backbone"):
+        input_size = probe_input_size(model, spec, {**spec.backbone.args, **backbone_args})
+        shapes = probe(model, {s.path for _, _, s, _ in plan}, input_size) if plan else {}
     inserted: list[InsertedBlock] = []
-    for where, config, site, zero_init in plan:
-        inserted.append(_insert(model, where, config, site, zero_init, shapes.get(site.path)))
+    for (where, config, site, zero_init), i in zip(plan, plan_index, strict=True):
+        with _located(spec, "insert", i):
+            inserted.append(_insert(model, where, config, site, zero_init,
+                                    shapes.get(site.path)))
     model.attnzoo_spec, model.attnzoo_unrecorded_args = _as_built(spec, num_classes,
                                                                    backbone_args)
     model.attnzoo_blocks = inserted
     apply_zoo_cfg(model, spec)
     return model
+
+
+@contextlib.contextmanager
+def _located(spec: ModelSpec, *loc: str | int) -> Iterator[None]:
+    """A SpecError raised inside starts with the spec's file and the line of ``loc``
+    when the spec was read from a file (as validation errors name them)."""
+    try:
+        yield
+    except SpecError as exc:
+        place = spec.source_line(*loc)
+        if place is None:
+            raise
+        raise SpecError(f"{place}: {exc}") from exc.__cause__
 
 
 def _as_built(spec: ModelSpec, num_classes: int | None, backbone_args: dict[str, Any]
@@ -375,8 +400,11 @@ def _insert(model: nn.Module, where: str, config: BlockConfig, site: SiteRef, ze
         name = _replace(model, site.path, block)
     else:
         name = _attach(model, site.path, AFTER if site.position == "after" else BEFORE, block)
+    replaced = site.position == "replace"
     return InsertedBlock(name, config.block_type(), site.path, site.position,
-                         site_info.channels, site_info.size, params)
+                         site_info.channels, site_info.size, params,
+                         out_channels=out_ch if replaced else site_info.channels,
+                         out_size=out_size if replaced else site_info.size)
 
 
 def list_blocks() -> list[str]:

@@ -1,27 +1,27 @@
-"""The ``attnzoo`` command: list, show, summary, schema, push."""
+"""The ``attnzoo`` command's heavy half: ``show``, ``summary``, ``schema``, ``push``.
+
+The entry point is :mod:`attnzoo_cli` (outside this package, so that ``attnzoo --help``,
+``list`` and ``blocks`` do not import torch); it parses the arguments and calls
+:func:`run` here for the commands that need the zoo. ``main`` and ``build_parser``
+are re-exported from there.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import os
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+import textwrap
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from attnzoo_cli import PLAIN_WIDTH, build_parser, main, print_table
+
 from .errors import AttnZooError
 
 if TYPE_CHECKING:
     from torch import nn
-
-
-def _cmd_list(args: argparse.Namespace) -> int:
-    from .zoo import list_models
-
-    for name in list_models(args.pattern):
-        print(name)
-    return 0
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
@@ -38,50 +38,46 @@ def _cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [list(map(str, headers))] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def sdpa_flops(query_shape: Sequence[int], key_shape: Sequence[int],
+               value_shape: Sequence[int], *args: Any, out_shape: Any = None,
+               **kwargs: Any) -> int:
+    """FLOPs of ``scaled_dot_product_attention`` as torch counts its CUDA kernels: the
+    two matrix products ``Q K^T`` and ``A V``, 2 per multiply-add, over every leading
+    (batch, head) dimension of the query; softmax and scaling are not counted."""
+    *lead, s_q, d_q = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    batch = 1
+    for n in lead:
+        batch *= n
+    return 2 * batch * s_q * s_k * d_q + 2 * batch * s_q * s_k * d_v
 
 
-def _use_rich() -> bool:
-    """Rich tables on a terminal (when rich is installed); plain text when piped."""
-    if not sys.stdout.isatty():
-        return False
-    try:
-        import rich  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def fused_attention_formulas() -> dict[Any, Any]:
+    """FLOP formulas for the fused attention kernels that ``FlopCounterMode`` leaves out.
 
+    ``scaled_dot_product_attention`` runs a different kernel on each device. torch
+    counts the CUDA ones (flash, memory-efficient, cuDNN) by the formula of
+    :func:`sdpa_flops`, and the meta device runs the unfused maths whose ``bmm``s it
+    counts the same; the CPU kernel (``_scaled_dot_product_flash_attention_for_cpu``),
+    the MPS one and the backend-overridable one it does not count at all. They get the
+    same formula here, so that a model's count does not depend on where it runs."""
+    import torch
+    from torch.utils.flop_counter import flop_registry
 
-def _print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]],
-                 right: Sequence[str] = ()) -> None:
-    """``rows`` under ``headers``; the ``right`` columns are right-aligned (rich only)."""
-    if _use_rich():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title, title_justify="left")
-        for h in headers:
-            # fold rather than cut long module paths when the terminal is narrow
-            table.add_column(h, justify="right" if h in right else "left", overflow="fold")
-        for row in rows:
-            table.add_row(*map(str, row))
-        Console().print(table)
-        return
-    print(title)
-    if rows:
-        print(_table(headers, rows))
+    aten = torch.ops.aten
+    names = ("_scaled_dot_product_flash_attention_for_cpu",
+             "_scaled_dot_product_attention_math_for_mps",
+             "_scaled_dot_product_fused_attention_overrideable")
+    return {getattr(aten, n): sdpa_flops for n in names
+            if hasattr(aten, n) and getattr(aten, n) not in flop_registry}
 
 
 def count_flops(model: nn.Module, input_size: Sequence[int]) -> tuple[int, dict[str, int]]:
     """FLOPs of one eval-mode forward pass of a batch of one, as
-    ``torch.utils.flop_counter.FlopCounterMode`` counts them (2 per multiply-add): the
-    total, and the count of every submodule by its path in ``model`` ("" = the model)."""
+    ``torch.utils.flop_counter.FlopCounterMode`` counts them (2 per multiply-add), with
+    fused attention counted by its formula on every device
+    (:func:`fused_attention_formulas`): the total, and the count of every submodule by
+    its path in ``model`` ("" = the model)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -90,7 +86,8 @@ def count_flops(model: nn.Module, input_size: Sequence[int]) -> tuple[int, dict[
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), FlopCounterMode(
+                display=False, custom_mapping=fused_attention_formulas()) as counter:
             model(torch.zeros((1, *input_size), device=device))
     finally:
         model.train(was_training)
@@ -108,39 +105,105 @@ def _fmt(value: float) -> str:
     return f"{value:.3f}" if value >= 0.01 or value == 0 else f"{value:.3g}"
 
 
+def _shape(channels: int | None, size: Sequence[int] | None) -> str:
+    """``64@56x56`` for a feature map, ``384@197`` for a token sequence (N tokens)."""
+    if channels is None:
+        return "-"
+    return f"{channels}@{'x'.join(map(str, size))}" if size else str(channels)
+
+
+class Progress:
+    """What a slow command is doing, on one line of stderr that the next step
+    overwrites: only when stderr is a terminal (nothing in pipes, logs or tests)."""
+
+    def __init__(self, enabled: bool | None = None) -> None:
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.shown = False
+
+    def step(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r\033[K{text}...")
+            sys.stderr.flush()
+            self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+            self.shown = False
+
+
+@contextlib.contextmanager
+def progress() -> Iterator[Progress]:
+    shown = Progress()
+    try:
+        yield shown
+    finally:
+        shown.done()
+
+
 def _cmd_summary(args: argparse.Namespace) -> int:
     from .builder import probe_input_size
     from .pretrained import create_model
 
-    model = create_model(args.name)
-    spec = model.attnzoo_spec
+    with progress() as shown:
+        shown.step(f"building {args.name} (backbone, shape probe, blocks)")
+        # The architecture only: a saved folder's or Hub repo's weights change no count.
+        model = create_model(args.name, pretrained=False)
+        spec = model.attnzoo_spec
+        own_size = probe_input_size(model, spec, spec.backbone.args)
+        size = (own_size[0], args.input_size, args.input_size) if args.input_size else own_size
+        shown_size = "x".join(map(str, size))
+        shown.step(f"counting multiply-adds of {spec.name} at {shown_size}")
+        try:
+            flops, per_module = count_flops(model, size)
+        except Exception as exc:  # noqa: BLE001 - e.g. a ViT made for one image size
+            raise AttnZooError(f"{spec.name} does not run at input {shown_size}: "
+                               f"{type(exc).__name__}: {exc}") from None
     total = sum(p.numel() for p in model.parameters())
     added = sum(b.params for b in model.attnzoo_blocks)
-    print(f"{spec.name}: {spec.description}")
+    print(textwrap.fill(f"{spec.name}: {spec.description}", PLAIN_WIDTH,
+                        subsequent_indent="  "))
     print(f"backbone: {spec.backbone.source}:{spec.backbone.name} ({type(model).__name__})")
     print(f"parameters: {total:,} ({total / 1e6:.2f}M), of which inserted blocks: {added:,}")
-    size = probe_input_size(model, spec, spec.backbone.args)
-    if args.input_size:
-        size = (size[0], args.input_size, args.input_size)
-    shown = "x".join(map(str, size))
-    try:
-        flops, per_module = count_flops(model, size)
-    except Exception as exc:  # noqa: BLE001 - e.g. a ViT made for one image size
-        raise AttnZooError(f"{spec.name} does not run at input {shown}: "
-                           f"{type(exc).__name__}: {exc}") from None
-    print(f"GMACs at {shown}: {_fmt(flops / 2e9)} (papers' \"GFLOPs\"; "
-          f"{flops:,} FLOPs as torch.utils.flop_counter counts them, 2 per multiply-add)")
-    rows = [(b.name, b.block_type, b.position, b.channels,
-             "x".join(map(str, b.size)) if b.size else "-", f"{b.params:,}",
+    print(f"GMACs at {shown_size}: {_fmt(flops / 2e9)} (papers' \"GFLOPs\"; {flops:,} FLOPs, "
+          "2 per multiply-add,")
+    print("  as torch.utils.flop_counter counts them; fused attention by its formula)")
+    rows = [(b.name, b.block_type, b.position, _shape(b.channels, b.size),
+             _shape(b.out_channels, b.out_size), f"{b.params:,}",
              _fmt(per_module.get(b.name, 0) / 2e6))
             for b in model.attnzoo_blocks]
-    headers = ("module", "type", "position", "channels", "size", "params", "MMACs")
-    _print_table(f"inserted blocks: {len(rows)}", headers, rows,
-                 right=("channels", "params", "MMACs"))
-    if rows and size != probe_input_size(model, spec, spec.backbone.args):
-        print("(channels and size: the site as the builder probed it, at the model's own "
-              "input size; MMACs: at the input above)")
+    headers = ("module", "type", "position", "in", "out", "params", "MMACs")
+    print_table(f"inserted blocks: {len(rows)}", headers, rows,
+                right=("in", "out", "params", "MMACs"), wrap="module")
+    if rows:
+        print("(in, out: channels@HxW of each block's input and output; channels@tokens for "
+              "token sequences)")
+        if size != own_size:
+            print(f"(in, out: at the model's own input size {'x'.join(map(str, own_size))}; "
+                  "MMACs: at the input above)")
     return 0
+
+
+def _push_error(exc: Exception, repo_id: str) -> AttnZooError:
+    """One line for a failed upload: what failed, and what to check."""
+    kind = type(exc).__name__
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        hint = (f"check that you are logged in (`hf auth login` or HF_TOKEN) with write "
+                f"access to {repo_id}")
+    elif status is not None:
+        hint = f"the Hub answered HTTP {status}; check the repo id {repo_id!r}"
+    elif "Token" in kind or "token" in str(exc).lower():
+        hint = "log in first (`hf auth login`, or set HF_TOKEN)"
+    else:
+        hint = ("check the network connection (and HF_ENDPOINT, proxies, HF_HUB_OFFLINE) "
+                "and that you are logged in (`hf auth login` or HF_TOKEN)")
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if len(detail) > 160:
+        detail = detail[:160] + "..."
+    return AttnZooError(f"push to {repo_id} failed ({kind}{': ' + detail if detail else ''}); "
+                        f"{hint}")
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -148,58 +211,100 @@ def _cmd_push(args: argparse.Namespace) -> int:
     from .pretrained import create_model
 
     model = create_model(args.model, pretrained=args.pretrained)
-    url = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private)
+    try:
+        url = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private)
+    except AttnZooError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - network, auth and Hub errors alike
+        raise _push_error(exc, args.repo_id) from None
     print(url)
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="attnzoo", description="A model zoo of attention mechanisms for vision.")
-    parser.add_argument("--version", action="version", version=f"attnzoo {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("list", help="list zoo models")
-    p.add_argument("pattern", nargs="?", default="*", help="shell pattern, e.g. '*cbam*'")
-    p.set_defaults(func=_cmd_list)
-
-    p = sub.add_parser("show", help="print a model's spec as YAML")
-    p.add_argument("name", help="zoo name or spec file")
-    p.set_defaults(func=_cmd_show)
-
-    p = sub.add_parser("summary",
-                       help="parameters, multiply-adds and the table of inserted blocks")
-    p.add_argument("name", help="zoo name, spec file, saved folder or hf-hub:org/repo")
-    p.add_argument("--input-size", type=int, default=None, metavar="N",
-                   help="count multiply-adds for an N x N input (default: the model's "
-                   "own input size)")
-    p.set_defaults(func=_cmd_summary)
-
-    p = sub.add_parser("schema", help="print the JSON Schema of a spec file")
-    p.set_defaults(func=_cmd_schema)
-
-    p = sub.add_parser("push", help="upload a model (spec + weights + card) to the Hub")
-    p.add_argument("model", help="zoo name, spec file or saved folder")
-    p.add_argument("repo_id", help="Hub repo, e.g. org/resnet50_cbam")
-    p.add_argument("--pretrained", default=None, help="weights tag to push (zoo models)")
-    p.add_argument("--revision", default=None, help="branch to push to")
-    p.add_argument("--private", action="store_true", help="create the repo as private")
-    p.set_defaults(func=_cmd_push)
-    return parser
+COMMANDS = {"show": _cmd_show, "summary": _cmd_summary, "schema": _cmd_schema,
+            "push": _cmd_push}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """Run a parsed command that needs the zoo (see :mod:`attnzoo_cli`); an AttnZooError
+    is one line on stderr and exit status 2."""
     try:
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except AttnZooError as exc:
         print(f"attnzoo: error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:
-        # `attnzoo schema | head`: the reader has gone. Point stdout at devnull so that
-        # the interpreter's final flush does not raise again (as the Python docs advise).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+
+
+def block_catalog() -> dict[str, dict[str, Any]]:
+    """Every registered block type (plugins included): its family (the module that
+    defines it: ``channel``, ``non_local``, ...; ``architecture`` for blocks that
+    architectures build), title and papers (from its config's docstring), whether it
+    takes one tensor (insertable at a site) and its fields with defaults, types and
+    descriptions. ``attnzoo blocks`` prints it; ``tools/make_catalog.py`` writes it to
+    ``attnzoo/catalog.json`` for a CLI that does not import torch."""
+    import inspect
+
+    from .registry import block_configs
+
+    out = {}
+    for name, config in block_configs().items():
+        module = config.__module__
+        if module.startswith("attnzoo.architectures."):
+            family = "architecture"
+        elif module.startswith("attnzoo.blocks."):
+            family = module.rsplit(".", 1)[-1]
+        else:
+            family = f"plugin ({module})"
+        title, papers = _title_and_papers(inspect.getdoc(config) or name)
+        out[name] = {
+            "family": family, "title": title, "papers": papers,
+            "single_input": _takes_one_input(config.module),
+            "fields": [{"name": field, "type": _type_name(info.annotation),
+                        "default": _plain(info.get_default(call_default_factory=True)),
+                        "description": info.description or ""}
+                       for field, info in config.model_fields.items() if field != "type"],
+        }
+    return out
+
+
+def _title_and_papers(doc: str) -> tuple[str, list[str]]:
+    """A block's title (its docstring's first paragraph up to the first URL, without an
+    unclosed parenthesis) and every URL of that paragraph."""
+    import re
+
+    para = " ".join(doc.split("\n\n")[0].split())
+    urls = [u.rstrip(".") for u in re.findall(r"https?://[^\s,;)]+", para)]
+    head = para[:para.index(urls[0])] if urls else para
+    if head.count("(") > head.count(")"):
+        head = head[:head.rindex("(")]
+    return head.strip().rstrip(",;:. ") or para, urls
+
+
+def _takes_one_input(module: type) -> bool:
+    import inspect
+
+    params = list(inspect.signature(module.forward).parameters.values())[1:]  # not self
+    required = [p for p in params if p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 1 and not any(p.kind is p.VAR_POSITIONAL for p in params)
+
+
+def _type_name(annotation: Any) -> str:
+    import re
+
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    text = re.sub(r"\btyping\.", "", text)
+    text = re.sub(r"Literal\[([^\]]*)\]", lambda m: m[1].replace(", ", "|"), text)
+    text = re.sub(r"^Optional\[(.*)\]$", r"\1 | None", text)
+    return text.replace("NoneType", "None")
+
+
+def _plain(value: Any) -> Any:
+    """A default as JSON writes it (tuples as lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+__all__ = ["block_catalog", "build_parser", "count_flops", "main", "run"]
 
 
 if __name__ == "__main__":

@@ -28,11 +28,22 @@ def short_list(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + more
 
 
+def _library_folders() -> tuple[str, ...]:
+    """attnzoo's folder, and timm's when it is imported (``timm.create_model`` of a zoo
+    model runs attnzoo below timm's factory)."""
+    timm = sys.modules.get("timm")
+    timm_file = getattr(timm, "__file__", None)
+    extra = (str(Path(timm_file).resolve().parent) + os.sep,) if timm_file else ()
+    return (_PACKAGE, *extra)
+
+
 def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
-    """``warnings.warn`` attributed to the first frame outside attnzoo (the user's call),
-    so the warning points at the line that asked for it."""
+    """``warnings.warn`` attributed to the first frame outside attnzoo (and timm, when
+    timm called attnzoo): the user's call, so the warning points at the line that asked
+    for it."""
+    folders = _library_folders()
     level, frame = 2, sys._getframe(1)
     while frame is not None and str(Path(frame.f_code.co_filename).resolve()).startswith(
-            _PACKAGE):
+            folders):
         level, frame = level + 1, frame.f_back
     warnings.warn(message, category, stacklevel=level)

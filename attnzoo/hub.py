@@ -65,10 +65,16 @@ def hub_weights(name: str, revision: str | None = None) -> tuple[ModelSpec, Weig
 def push_to_hub(model: nn.Module, repo_id: str, *, revision: str | None = None,
                 private: bool | None = None, token: str | None = None,
                 commit_message: str | None = None, create_pr: bool = False,
-                **save_kwargs: Any) -> str:
+                license: str | None = None, metrics: dict[str, float] | None = None,
+                source: dict[str, Any] | None = None, tags: list[str] | None = None) -> str:
     """Save the model (:func:`save_pretrained`) to a temporary folder and upload it to the
     Hub repo ``repo_id`` (created if missing; ``revision`` names a branch, created from
-    main if missing). Returns the URL of the commit."""
+    main if missing). Returns the URL of the commit.
+
+    ``license``, ``metrics``, ``source`` and ``tags`` go to :func:`save_pretrained` (the
+    model card and ``attnzoo.yaml``); ``token`` (default: the logged-in one),
+    ``private``, ``commit_message`` and ``create_pr`` to ``huggingface_hub.HfApi``."""
+    save_kwargs = {"license": license, "metrics": metrics, "source": source, "tags": tags}
     spec = getattr(model, "attnzoo_spec", None)
     api = HfApi(token=token, library_name="attnzoo", library_version=__version__)
     api.create_repo(repo_id, private=private, exist_ok=True)

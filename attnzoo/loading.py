@@ -9,7 +9,6 @@ with ``init="skip"`` and gives real tensors to whatever the file did not hold.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from .builder import build_model
-from .errors import WeightsError
+from .errors import WeightsError, warn_user
 from .meta_init import fill_meta_tensors, meta_tensors
 from .spec import ModelSpec
 from .timm_cfg import apply_zoo_cfg
@@ -89,8 +88,10 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], where: str,
         raise WeightsError(f"{where}: the weights do not fit the model: " + "; ".join(problems))
     if dropped:
         state = {k: v for k, v in state.items() if k not in dropped}
-        warnings.warn(f"{where}: the classifier was not loaded (another number of classes), "
-                      f"it keeps its random initialisation: {_short(dropped)}", stacklevel=3)
+        # attributed to the user's call (create_model, load_zoo_weights, timm.create_model
+        # through attnzoo's entry point...), however deep in attnzoo the load runs
+        warn_user(f"{where}: the classifier was not loaded (another number of classes), "
+                  f"it keeps its random initialisation: {_short(dropped)}")
     if assign:
         state = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype)
                  for k, v in state.items()}

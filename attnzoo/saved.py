@@ -18,7 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from ._version import __version__ as _attnzoo_version
-from .errors import AttnZooError, SpecError, WeightsError
+from .errors import AttnZooError, WeightsError
 from .loading import WeightsPlan
 from .safe_weights import (
     PICKLE_SUFFIXES,
@@ -27,10 +27,9 @@ from .safe_weights import (
     refuse_pickle,
     sha256_file,
 )
-from .safe_yaml import load_yaml, read_source
 from .spec import ModelSpec
+from .zoo import SPEC_FILE, saved_spec_path
 
-SPEC_FILE = "attnzoo.yaml"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 
@@ -152,12 +151,8 @@ def model_card(model: nn.Module, spec: ModelSpec, weights: dict[str, Any], *,
 def read_saved_spec(path: str | os.PathLike[str]) -> tuple[ModelSpec, dict[str, Any]]:
     """The spec and the ``weights`` section of an ``attnzoo.yaml``."""
     path = Path(path)
-    text, origin = read_source(path)  # a stranger's file: the spec reader's strict loader
-    data = load_yaml(text, origin)
-    if not isinstance(data, dict):
-        raise SpecError(f"{path}: must be a YAML mapping, got {type(data).__name__}")
-    weights = data.pop("weights", None)
-    spec = ModelSpec.from_dict(data, origin=origin, text=text)
+    # a stranger's file: the spec reader's strict loader, every other key validated
+    spec, weights = ModelSpec.read_yaml(path)
     if not isinstance(weights, dict) or "sha256" not in weights:
         raise WeightsError(f"{path}: no `weights: {{file, sha256}}` section; it was not "
                            "written by attnzoo.save_pretrained")
@@ -170,9 +165,11 @@ def read_saved_spec(path: str | os.PathLike[str]) -> tuple[ModelSpec, dict[str, 
 
 
 def folder_weights(folder: str | os.PathLike[str]) -> tuple[ModelSpec, WeightsPlan]:
-    """The spec of a saved folder and the plan to load its verified weights."""
-    folder = Path(folder)
-    spec_path = folder / SPEC_FILE
+    """The spec of a saved folder (given as the folder or as its ``attnzoo.yaml``) and
+    the plan to load its verified weights (the file that ``weights:`` names, beside
+    the ``attnzoo.yaml``)."""
+    spec_path = saved_spec_path(folder)
+    folder = spec_path.parent
     if not spec_path.is_file():
         pickles = sorted(p.name for p in folder.iterdir()
                          if p.name.lower().endswith(PICKLE_SUFFIXES))

@@ -136,7 +136,7 @@ def resolve_sites(model: nn.Module, insertion: Insertion, where: str) -> list[Si
             raise SpecError(
                 f"{where}: site alias {alias!r} needs a resnet-family backbone, and "
                 f"{type(model).__name__} has no resnet blocks; use {{path: <glob>, "
-                "position: after|before|replace}} instead"
+                "position: after|before|replace} instead"
             )
         if alias not in RESNET_ALIASES:
             raise SpecError(f"{where}: unknown site alias {alias!r}; resnet aliases are "

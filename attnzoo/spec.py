@@ -8,6 +8,7 @@ registered blocks and backbones, never a Python path; nothing in it is evaluated
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any, Literal
 
 import yaml
@@ -23,9 +24,14 @@ from pydantic import (
 from .errors import SpecError
 from .registry import architectures, did_you_mean
 from .safe_yaml import load_yaml, read_source
-from .validation import BlockField, format_validation_error
+from .validation import BlockField, format_validation_error, yaml_line
 
 Position = Literal["after", "before", "replace"]
+#: The section of a saved folder's ``attnzoo.yaml`` that is not the spec.
+WEIGHTS_KEY = "weights"
+#: Specs read from files: id(spec) -> (file, its text), for errors at build time. Kept
+#: beside the specs, not in them, so that equal fields still make equal specs.
+_SOURCES: dict[int, tuple[str, str]] = {}
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 _FORBIDDEN_BACKBONE_ARGS = {
     "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
@@ -139,12 +145,48 @@ class ModelSpec(_Strict):
 
     @classmethod
     def from_yaml(cls, source: str | os.PathLike[str]) -> ModelSpec:
-        """Read a spec from YAML text or from a ``.yaml``/``.yml`` file path."""
+        """Read a spec from YAML text or from a ``.yaml``/``.yml`` file path.
+
+        A saved folder's ``attnzoo.yaml`` is a spec too: its ``weights:`` section (the
+        weights file and its sha256, see :meth:`read_yaml`) is set aside; every other
+        key is validated as in any spec."""
+        return cls.read_yaml(source)[0]
+
+    @classmethod
+    def read_yaml(cls, source: str | os.PathLike[str]
+                  ) -> tuple[ModelSpec, dict[str, Any] | None]:
+        """The spec and the ``weights:`` section (None when there is none) of YAML text or
+        a file. ``weights:`` is the one key a spec file may hold besides the spec's
+        fields: ``save_pretrained`` writes it into ``attnzoo.yaml``."""
         text, origin = read_source(source)
         data = load_yaml(text, origin)
         if not isinstance(data, dict):
             raise SpecError(f"{origin}: a spec must be a YAML mapping, got {type(data).__name__}")
-        return cls.from_dict(data, origin=origin, text=text)
+        weights = None
+        if WEIGHTS_KEY in data:
+            weights = data.pop(WEIGHTS_KEY)
+            if not isinstance(weights, dict):
+                where = yaml_line(text, (WEIGHTS_KEY,))
+                raise SpecError(f"{origin}: invalid spec (1 problem(s))\n  {WEIGHTS_KEY}"
+                                f"{f' (line {where})' if where else ''}: a saved model's "
+                                "weights section is a mapping {file, sha256}, not "
+                                f"{type(weights).__name__}")
+        spec = cls.from_dict(data, origin=origin, text=text)
+        if origin != "spec":  # read from a file: build errors can name it and the line
+            _SOURCES[id(spec)] = (origin, text)
+            weakref.finalize(spec, _SOURCES.pop, id(spec), None)
+        return spec, weights
+
+    def source_line(self, *loc: str | int) -> str | None:
+        """``"<file>, line N"`` of the YAML node at ``loc`` (``"insert", 0``; nothing:
+        the spec itself) when this spec was read from a file, else None. The builder's
+        errors start with it, as validation errors name the file and line."""
+        found = _SOURCES.get(id(self))
+        if found is None:
+            return None
+        origin, text = found
+        line = yaml_line(text, loc)
+        return f"{origin}, line {line}" if line else origin
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "spec", text: str | None = None

@@ -45,17 +45,56 @@ def format_validation_error(exc: ValidationError, origin: str, text: str | None 
     ``model`` is the Pydantic model that was validated (the root of every error
     location); unknown-field messages list its fields at that location.
     """
-    lines = [f"{origin}: invalid {what} ({exc.error_count()} problem(s))"]
-    for err in exc.errors(include_url=False):
+    errors = _without_union_noise(_plain_tags(exc.errors(include_url=False)))
+    lines = [f"{origin}: invalid {what} ({len(errors)} problem(s))"]
+    for err in errors:
         loc = _loc_path(err["loc"])
-        line = _yaml_line(text, err["loc"]) if text else None
+        line = yaml_line(text, err["loc"]) if text else None
         where = f"{loc} (line {line})" if line else loc or "<root>"
         lines.append(f"  {where}: {_message(err, model)}")
     return "\n".join(lines)
 
 
+_VALIDATOR_TAG = re.compile(r"^function-(?:after|before|wrap|plain)\[.*,\s*([A-Za-z_]\w*)\]$")
+
+
+def _plain_tags(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Union members in error locations by their class name: Pydantic tags a model
+    with a model validator ``function-after[<validator>(), SiteSelector]``."""
+
+    def plain(part: Any) -> Any:
+        m = _VALIDATOR_TAG.match(part) if isinstance(part, str) else None
+        return m[1] if m else part
+
+    return [{**e, "loc": tuple(plain(p) for p in e["loc"])} for e in errors]
+
+
+def _without_union_noise(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pydantic reports every alternative of a union that failed. When the value got
+    further in one alternative (``at: {path, position: afer}`` is a mapping: its
+    problem is the position) the others' "should be a valid <type>" is noise: drop
+    it. When no alternative got further, all are kept (the value fits none)."""
+
+    def is_type_error(err: dict[str, Any]) -> bool:
+        return err["type"].endswith("_type") or err["type"] == "is_instance_of"
+
+    kept = []
+    for err in errors:
+        loc = err["loc"]
+        if is_type_error(err) and loc and any(
+                len(other["loc"]) > len(loc) and other["loc"][:len(loc) - 1] == loc[:-1]
+                and other["loc"][len(loc) - 1] != loc[-1] for other in errors):
+            continue
+        kept.append(err)
+    return kept
+
+
 def _message(err: dict[str, Any], model: type[BaseModel] | None) -> str:
-    """Pydantic's message, with close matches for an unknown block type or field."""
+    """Pydantic's message, with close matches for an unknown block type or field, or
+    for a value that is not one of the allowed words."""
+    if err["type"] == "literal_error" and isinstance(err.get("input"), str):
+        allowed = re.findall(r"'([^']*)'", str((err.get("ctx") or {}).get("expected", "")))
+        return err["msg"] + did_you_mean(err["input"], allowed)
     if err["type"] == "extra_forbidden" and err["loc"]:
         name = str(err["loc"][-1])
         fields = _fields_at(model, err["loc"][:-1]) if model is not None else []
@@ -133,7 +172,7 @@ def _loc_path(loc: tuple[Any, ...]) -> str:
     return out
 
 
-def _yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
+def yaml_line(text: str, loc: tuple[Any, ...]) -> int | None:
     """The 1-based line of the deepest YAML node along ``loc``."""
     try:
         node = yaml.compose(text, Loader=SpecLoader)
@@ -232,7 +271,8 @@ def parse_block(data: Any, where: str = "block") -> BlockConfig:
 def _block_error(exc: ValidationError, where: str, config: type[BlockConfig] | None) -> str:
     # The locations start with the block type (see _validate_block); strip it so the
     # messages read `reduction: ...`, and name the fields of that block's config.
-    errors = [{**e, "loc": e["loc"][1:]} for e in exc.errors(include_url=False)]
+    errors = [{**e, "loc": e["loc"][1:]}
+              for e in _without_union_noise(_plain_tags(exc.errors(include_url=False)))]
     lines = [f"{where}: invalid block config ({len(errors)} problem(s))"]
     for err in errors:
         loc = _loc_path(err["loc"]) or "<root>"
@@ -240,4 +280,4 @@ def _block_error(exc: ValidationError, where: str, config: type[BlockConfig] | N
     return "\n".join(lines)
 
 
-__all__ = ["SITE_FIELDS", "BlockField", "format_validation_error", "parse_block"]
+__all__ = ["SITE_FIELDS", "BlockField", "format_validation_error", "parse_block", "yaml_line"]
