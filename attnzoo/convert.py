@@ -83,6 +83,15 @@ TIMM_EQUIVALENTS: dict[str, TimmEquivalent] = {
     # ViT-S/16 with multi_head_attention in place of timm's Attention: same qkv/proj
     # layout and names, and timm's q_norm/k_norm are Identity (no parameters): no rename.
     "vit_small_mha": TimmEquivalent("vit_small_patch16_224"),
+    # ResNeSt-50: timm's resnest50d built with plain 3x3 convs (radix 0), whose conv2 the
+    # zoo's split_attention replaces (bn2, act2: identity). The block keeps timm's
+    # SplitAttn names (conv, bn0, fc1, bn1, fc2), so the keys need no rename.
+    "resnest50": TimmEquivalent("resnest50d"),
+    # timm networks whose attention layers the zoo's blocks replace at the same paths,
+    # with timm's parameter names: halo_attention for HaloAttn, effective_se for
+    # EffectiveSEModule.
+    "halonet50": TimmEquivalent("halonet50ts"),
+    "vovnet39_ese": TimmEquivalent("ese_vovnet39b"),
 }
 
 

@@ -38,27 +38,52 @@ PAPER_TITLES = {
     "https://arxiv.org/abs/1706.03762": "Attention Is All You Need",
     "https://arxiv.org/abs/1709.01507": "Squeeze-and-Excitation Networks",
     "https://arxiv.org/abs/1711.07971": "Non-local Neural Networks",
+    "https://arxiv.org/abs/1803.02579":
+        "Concurrent Spatial and Channel 'Squeeze & Excitation' in Fully Convolutional Networks",
     "https://arxiv.org/abs/1805.10180": "Pyramid Attention Network for Semantic Segmentation",
+    "https://arxiv.org/abs/1807.06514": "BAM: Bottleneck Attention Module",
     "https://arxiv.org/abs/1807.06521": "CBAM: Convolutional Block Attention Module",
     "https://arxiv.org/abs/1807.09940": "Reverse Attention for Salient Object Detection",
     "https://arxiv.org/abs/1808.00897":
         "BiSeNet: Bilateral Segmentation Network for Real-time Semantic Segmentation",
+    "https://arxiv.org/abs/1809.02983": "Dual Attention Network for Scene Segmentation",
     "https://arxiv.org/abs/1810.11579": "A^2-Nets: Double Attention Networks",
+    "https://arxiv.org/abs/1810.12348":
+        "Gather-Excite: Exploiting Feature Context in Convolutional Neural Networks",
     "https://arxiv.org/abs/1811.11721": "CCNet: Criss-Cross Attention for Semantic Segmentation",
     "https://arxiv.org/abs/1811.12006": "Global Second-order Pooling Convolutional Networks",
     "https://arxiv.org/abs/1903.06586": "Selective Kernel Networks",
+    "https://arxiv.org/abs/1904.05873":
+        "An Empirical Study of Spatial Attention Mechanisms in Deep Networks",
     "https://arxiv.org/abs/1904.11492":
         "GCNet: Non-local Networks Meet Squeeze-Excitation Networks and Beyond",
+    "https://arxiv.org/abs/1905.09646":
+        "Spatial Group-wise Enhance: Improving Semantic Feature Learning in Convolutional Networks",
     "https://arxiv.org/abs/1909.11519": "Gated Channel Transformation for Visual Recognition",
     "https://arxiv.org/abs/1910.03151":
         "ECA-Net: Efficient Channel Attention for Deep Convolutional Neural Networks",
+    "https://arxiv.org/abs/1911.06667": "CenterMask: Real-Time Anchor-Free Instance Segmentation",
+    "https://arxiv.org/abs/2004.08955": "ResNeSt: Split-Attention Networks",
     "https://arxiv.org/abs/2006.06668": "Disentangled Non-Local Neural Networks",
+    "https://arxiv.org/abs/2010.03045": "Rotate to Attend: Convolutional Triplet Attention Module",
     "https://arxiv.org/abs/2012.11879": "FcaNet: Frequency Channel Attention Networks",
     "https://arxiv.org/abs/2101.11605": "Bottleneck Transformers for Visual Recognition",
+    "https://arxiv.org/abs/2102.00240":
+        "SA-Net: Shuffle Attention for Deep Convolutional Neural Networks",
+    "https://arxiv.org/abs/2102.08602":
+        "LambdaNetworks: Modeling Long-Range Interactions Without Attention",
+    "https://arxiv.org/abs/2103.02907": "Coordinate Attention for Efficient Mobile Network Design",
+    "https://arxiv.org/abs/2103.12731":
+        "Scaling Local Self-Attention for Parameter Efficient Visual Backbones",
     "https://arxiv.org/abs/2104.13188": "Rethinking BiSeNet For Real-time Semantic Segmentation",
+    "https://arxiv.org/abs/2105.02358":
+        "Beyond Self-attention: External Attention using Two Linear Layers for Visual Tasks",
     "https://arxiv.org/abs/2106.13112": "VOLO: Vision Outlooker for Visual Recognition",
     "https://arxiv.org/abs/2107.00782":
         "Polarized Self-Attention: Towards High-quality Pixel-wise Regression",
+    "https://arxiv.org/abs/2107.12292": "Contextual Transformer Networks for Visual Recognition",
+    "https://arxiv.org/abs/2305.13563":
+        "Efficient Multi-Scale Attention Module with Cross-Spatial Learning",
     "https://proceedings.mlr.press/v139/yang21o.html":
         "SimAM: A Simple, Parameter-Free Attention Module for Convolutional Neural Networks",
 }

@@ -3,4 +3,4 @@
 
 from __future__ import annotations
 
-from . import bisenet, pan, ras, resattnet, stdc, tiny  # noqa: F401  (registration)
+from . import bisenet, danet, pan, ras, resattnet, stdc, tiny  # noqa: F401  (registration)

@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
-from . import channel, identity, mixed, non_local, self_attention, sequence, spatial  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    bam,
+    channel,
+    coordinate,
+    cot,
+    danet,
+    external,
+    gather_excite,
+    generalized,
+    grouped,
+    identity,
+    local_self_attention,
+    mixed,
+    non_local,
+    scse,
+    self_attention,
+    sequence,
+    spatial,
+    split_attention,
+    triplet,
+)
 from .base import BlockConfig, Site
 
 __all__ = ["BlockConfig", "Site"]
