@@ -317,7 +317,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count multiply-adds for an N x N input (default: the model's "
                    "own input size)")
 
+    p = sub.add_parser("sites", help="where blocks can go: every site of a model, its "
+                       "layout, shapes and aliases")
+    p.add_argument("model", help="zoo name, spec file or saved folder, or a bare backbone: "
+                   "timm:NAME, torchvision:NAME (a timm name alone works too)")
+    p.add_argument("--input-size", type=positive_int, default=None, metavar="N",
+                   help="probe the sites at an N x N input (default: the model's own size)")
+
     sub.add_parser("schema", help="print the JSON Schema of a spec file")
+
+    p = sub.add_parser("maps", help="overlay a model's spatial attention maps on an image")
+    p.add_argument("model", help="zoo name, spec file, saved folder or hf-hub:org/repo")
+    p.add_argument("image", help="an image file (anything Pillow reads)")
+    p.add_argument("--out", default="maps.png", help="the picture to write (default maps.png)")
+    p.add_argument("--pretrained", default=None, help="weights tag (zoo models)")
+    p.add_argument("--input-size", type=positive_int, default=None, metavar="N",
+                   help="resize the image to N x N (default: the model's input size)")
+    p.add_argument("--columns", type=positive_int, default=4, help="panels per row")
 
     p = sub.add_parser("push", help="upload a model (spec + weights + card) to the Hub")
     p.add_argument("model", help="zoo name, spec file or saved folder")

@@ -10,6 +10,7 @@ spec as a timm model name.
 
 from . import architectures, blocks  # noqa: F401  (registration: the catalogue)
 from ._version import __version__
+from .any_model import insert, list_sites
 from .builder import (
     build_model,
     convert_sync_batchnorm,
@@ -19,6 +20,7 @@ from .builder import (
 )
 from .errors import AttnZooError, SpecError, WeightsError
 from .hub import push_to_hub
+from .inserted import load_inserted
 from .manifests import list_pretrained
 from .pretrained import create_model
 from .registry import register_architecture, register_block
@@ -29,9 +31,9 @@ from .zoo import list_models, load_spec
 
 __all__ = [
     "AttnZooError", "ModelSpec", "SpecError", "WeightsError", "__version__", "build_model",
-    "convert_sync_batchnorm", "create_block", "create_model", "list_blocks", "list_models",
-    "list_pretrained", "load_spec", "push_to_hub", "reattach_blocks", "register_architecture",
-    "register_block", "save_pretrained",
+    "convert_sync_batchnorm", "create_block", "create_model", "insert", "list_blocks",
+    "list_models", "list_pretrained", "list_sites", "load_inserted", "load_spec", "push_to_hub",
+    "reattach_blocks", "register_architecture", "register_block", "save_pretrained",
 ]
 
 # Every zoo spec becomes a timm model name (reads the spec files; builds nothing).

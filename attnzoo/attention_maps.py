@@ -156,6 +156,33 @@ def select_queries(index: torch.Tensor | None, tokens: torch.Tensor, dim: int = 
     return tokens if index is None else tokens.index_select(dim, index.to(tokens.device))
 
 
+def key_grid(keys: int, height: int, width: int) -> tuple[int, int]:
+    """The (Hk, Wk) grid of ``keys`` key positions for an (H, W) query map: the same
+    grid, or one subsampled by 2 (rounding down, a side of 1 kept, or rounding up), else
+    a single row."""
+    for grid in ((height, width), (max(1, height // 2), max(1, width // 2)),
+                 (-(-height // 2), -(-width // 2))):
+        if grid[0] * grid[1] == keys:
+            return grid
+    return 1, keys
+
+
+def dot_product_affinity(q: torch.Tensor, k: torch.Tensor, size: tuple[int, int],
+                         scale: float = 1.0,
+                         extra: Callable[[torch.Tensor | None], torch.Tensor] | None = None,
+                         key_size: tuple[int, int] | None = None) -> torch.Tensor:
+    """A lazy affinity map for ``record``: ``softmax(q k^T * scale [+ extra(index)])`` for
+    the chosen queries of an (H, W) = ``size`` query grid, as maps over the key grid:
+    q (..., H*W, d), k (..., Hk*Wk, d) -> (..., Q, Hk, Wk). ``extra(index)`` adds logits
+    (relative positions) for the chosen rows (``index`` None: all rows)."""
+    index = chosen_queries(*size, q.device)
+    logits = select_queries(index, q) @ k.transpose(-1, -2) * scale
+    if extra is not None:
+        logits = logits + extra(index)
+    hk, wk = key_size or key_grid(k.shape[-2], *size)
+    return logits.softmax(-1).unflatten(-1, (hk, wk))
+
+
 @contextmanager
 def record_attention(model: nn.Module, queries: Queries = CENTRE, detach: bool = True
                      ) -> Iterator[AttentionMaps]:

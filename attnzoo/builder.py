@@ -1,150 +1,43 @@
 """Compile a ModelSpec into an ordinary nn.Module.
 
-1. Build the backbone (timm, or an attnzoo architecture) without weights.
-2. Probe it once on the meta device: the input and output shape of every site.
-3. Build each block for its site and insert it, keeping the backbone's class and
-   its parameter names. No forward hooks remain on the model.
+1. Build the backbone (timm, torchvision, or an attnzoo architecture) without weights.
+2. Insert the spec's blocks with :func:`attnzoo.insertion.apply_insertions`, the
+   routine that :func:`attnzoo.insert` runs on any model: probe the sites on the meta
+   device, build each block for its site and layout, attach it keeping the backbone's
+   class and parameter names. No forward hooks remain on the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import timm
 import torch
-from timm.layers import BatchNormAct2d
 from torch import nn
 
-from .blocks.base import BlockConfig, Site, takes_one_tensor
+from .blocks.base import Site
+from .deferred_init import deferred_init
 from .errors import SpecError
+from .insertion import (  # noqa: F401  (AFTER, BEFORE, IdentityBlend, probe: re-exported)
+    AFTER,
+    BEFORE,
+    IdentityBlend,
+    InsertedBlock,
+    apply_insertions,
+    convert_sync_batchnorm,
+    default_input_size,
+    probe,
+    reattach_blocks,
+)
 from .meta_init import parameters_on_meta
 from .registry import block_configs, did_you_mean, get_architecture
-from .sites import SiteRef, resolve_sites
 from .spec import ModelSpec
 from .timm_cfg import apply_zoo_cfg
 from .validation import parse_block
-
-AFTER, BEFORE = "attnzoo_after", "attnzoo_before"
-_RANK_NAMES = {4: "4-D (N, C, H, W)", 3: "3-D (B, N, C)", 2: "2-D (N, C)"}
-
-
-@dataclass(frozen=True)
-class InsertedBlock:
-    """What the builder put where: one row of ``attnzoo summary``."""
-
-    name: str           # the block's module path in the built model
-    block_type: str
-    site: str           # the backbone module path the block is attached to
-    position: str
-    channels: int       # the block's input: channels and spatial size (or token count)
-    size: tuple[int, ...] | None
-    params: int
-    out_channels: int | None = None  # its output (differs from the input at replace sites)
-    out_size: tuple[int, ...] | None = None
-
-
-class IdentityBlend(nn.Module):
-    """``x + alpha * (block(x) - x)`` with ``alpha = 0`` at init: makes a gating block
-    (SE, CBAM, ...) start as the identity for ``zero_init``; training learns alpha."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-        self.alpha = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.alpha * (self.block(x) - x)
-
-
-_CLASSES: dict[tuple[type[nn.Module], bool, bool], type[nn.Module]] = {}
-_CLASSES_LOCK = threading.Lock()
-
-
-def _with_attention_class(base: type[nn.Module], before: bool, after: bool) -> type[nn.Module]:
-    """A subclass of ``base`` whose forward runs ``attnzoo_before`` on its input and/or
-    ``attnzoo_after`` on its output. One class per (base, before, after), shared by all
-    models and threads."""
-    key = (base, before, after)
-    with _CLASSES_LOCK:
-        if key not in _CLASSES:
-            _CLASSES[key] = _make_attention_class(*key)
-        return _CLASSES[key]
-
-
-def _make_attention_class(base: type[nn.Module], before: bool, after: bool) -> type[nn.Module]:
-    def forward(self, x, *args, **kwargs):
-        if before:
-            x = self.attnzoo_before(x)
-        y = base.forward(self, x, *args, **kwargs)
-        return self.attnzoo_after(y) if after else y
-
-    suffix = "".join(s for s, on in (("Before", before), ("After", after)) if on)
-    name = f"{base.__name__}WithAttention{suffix}"
-    return type(name, (base,), {"forward": forward, "__module__": __name__, "_attnzoo_base": base,
-                                "__doc__": f"{base.__name__} with attnzoo blocks attached."})
-
-
-def _attach(model: nn.Module, path: str, child_name: str, block: nn.Module) -> str:
-    module = model.get_submodule(path)
-    existing = module._modules.get(child_name)
-    if existing is None:
-        module.add_module(child_name, block)
-    elif isinstance(existing, _Chain):
-        existing.append(block)
-    else:
-        module._modules[child_name] = _Chain(existing, block)
-    base = getattr(type(module), "_attnzoo_base", type(module))
-    module.__class__ = _with_attention_class(
-        base, BEFORE in module._modules, AFTER in module._modules)
-    chain = module._modules[child_name]
-    index = f".{len(chain) - 1}" if isinstance(chain, _Chain) else ""
-    return f"{path}.{child_name}{index}"
-
-
-def reattach_blocks(model: nn.Module) -> list[str]:
-    """Make every module that holds attnzoo blocks (``attnzoo_before`` /
-    ``attnzoo_after`` children) run them again, after a utility replaced such modules
-    by plain ones that keep the children but not attnzoo's forward (e.g.
-    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, FrozenBatchNorm conversion).
-    Returns the paths it fixed."""
-    fixed = []
-    for path, module in model.named_modules():
-        before, after = BEFORE in module._modules, AFTER in module._modules
-        if not (before or after):
-            continue
-        cls = type(module)
-        base = getattr(cls, "_attnzoo_base", None)
-        if base is not None and cls is _with_attention_class(base, before, after):
-            continue
-        module.__class__ = _with_attention_class(base or cls, before, after)
-        fixed.append(path)
-    return fixed
-
-
-def convert_sync_batchnorm(model: nn.Module, process_group: Any = None) -> nn.Module:
-    """``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for attnzoo models: the same
-    conversion, with the blocks attached to BatchNorm layers still run (torch's
-    function alone keeps them as children that nothing calls)."""
-    converted = nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)
-    reattach_blocks(converted)
-    return converted
-
-
-class _Chain(nn.Sequential):
-    """Several blocks attached at the same place, applied in spec order."""
-
-
-def _replace(model: nn.Module, path: str, block: nn.Module) -> str:
-    parent_path, _, name = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    parent._modules[name] = block
-    return path
-
 
 # What a backbone factory raises for args it cannot take: an unknown layer name
 # (KeyError), a negative size (RuntimeError, ValueError), a failed assert.
@@ -163,11 +56,36 @@ def _make_backbone(spec: ModelSpec, num_classes: int | None, extra: dict[str, An
             return factory(**args)
         except _BACKBONE_ERRORS as exc:
             raise SpecError(f"{where}: bad args {sorted(args)}: {exc}") from None
+    if spec.backbone.source == "torchvision":
+        return _torchvision_backbone(spec.backbone.name, args, where)
     if not timm.is_model(spec.backbone.name):
         hint = did_you_mean(spec.backbone.name, timm.list_models())
         raise SpecError(f"{where}: timm has no model {spec.backbone.name!r}{hint}")
     try:
         return timm.create_model(spec.backbone.name, pretrained=False, **args)
+    except _BACKBONE_ERRORS as exc:
+        raise SpecError(f"{where}: bad args {sorted(args)}: {type(exc).__name__}: "
+                        f"{exc}") from None
+
+
+def _torchvision_backbone(name: str, args: dict[str, Any], where: str) -> nn.Module:
+    """``torchvision.models.get_model(name, weights=None, **args)``; a backbone that would
+    load weights of its own (detection models' ``weights_backbone``) gets None there too.
+    torchvision is imported only here: it is not a dependency of attnzoo."""
+    try:
+        import torchvision.models as models
+    except ImportError as exc:
+        raise SpecError(f"{where}: a torchvision backbone needs torchvision, which is not "
+                        f"installed ({exc}); `pip install torchvision`") from None
+    known = models.list_models()
+    if name not in known:
+        raise SpecError(f"{where}: torchvision has no model {name!r}"
+                        f"{did_you_mean(name, known)}")
+    builder = models.get_model_builder(name)
+    extra = {"weights_backbone": None} if "weights_backbone" in inspect.signature(
+        builder).parameters else {}
+    try:
+        return models.get_model(name, weights=None, **extra, **args)
     except _BACKBONE_ERRORS as exc:
         raise SpecError(f"{where}: bad args {sorted(args)}: {type(exc).__name__}: "
                         f"{exc}") from None
@@ -179,72 +97,12 @@ def probe_input_size(model: nn.Module, spec: ModelSpec, args: dict[str, Any]
     the backbone's pretrained_cfg, else 3x224x224."""
     if spec.input_size is not None:
         return tuple(spec.input_size)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    chans, h, w = cfg.get("input_size", (3, 224, 224))
+    chans, h, w = default_input_size(model)
     chans = args.get("in_chans", chans)
     if "img_size" in args:
         size = args["img_size"]
         h, w = (size, size) if isinstance(size, int) else tuple(size)
     return (chans, h, w)
-
-
-def _shape_of(t: Any) -> tuple[int, tuple[int, ...] | None, int] | None:
-    """(channels, size, rank): NCHW maps give (C, (H, W), 4); token sequences
-    (B, N, C) give (C, (N,), 3); anything else (C of the last dim, None, rank)."""
-    if not isinstance(t, torch.Tensor) or t.dim() < 2:
-        return None
-    if t.dim() == 4:
-        return t.shape[1], tuple(t.shape[2:]), 4
-    if t.dim() == 3:
-        return t.shape[-1], (t.shape[1],), 3
-    return t.shape[-1], None, t.dim()
-
-
-def probe(model: nn.Module, paths: set[str], input_size: tuple[int, ...]
-          ) -> dict[str, tuple[Any, Any]]:
-    """Input and output (channels, size) at each path, from one forward pass on the meta
-    device (no real compute, weights untouched). The temporary hooks are removed."""
-    found: dict[str, tuple[Any, Any]] = {}
-    handles = []
-    for path in paths:
-        def hook(_m, inputs, output, path=path):
-            if path not in found:
-                found[path] = (_shape_of(inputs[0]) if inputs else None, _shape_of(output))
-        handles.append(model.get_submodule(path).register_forward_hook(hook))
-    meta = {k: torch.empty_like(v, device="meta")
-            for k, v in [*model.named_parameters(), *model.named_buffers()]}
-    # BatchNorm keeps the shape, and its meta kernel is a slow Python decomposition
-    # (about half of a ResNet-50 build): the probe skips its arithmetic.
-    norms = [m for m in model.modules() if type(m).forward in _SHAPE_KEEPING_FORWARDS]
-    was_training = model.training
-    try:
-        for m in norms:
-            m.forward = _same_shape
-        model.eval()
-        x = torch.empty((1, *input_size), device="meta")
-        with torch.no_grad():
-            torch.func.functional_call(model, meta, (x,), strict=False)
-    except Exception as exc:  # noqa: BLE001 - any failure of the dry run is reported
-        raise SpecError(f"shape probe of {type(model).__name__} at input {input_size} "
-                        f"failed: {type(exc).__name__}: {exc}") from exc
-    finally:
-        model.train(was_training)
-        for m in norms:
-            del m.forward
-        for h in handles:
-            h.remove()
-    return found
-
-
-def _same_shape(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
-# Forwards known to return a tensor shaped as their input. Exact functions, not
-# isinstance: a subclass (timm's BatchNormAct2d: BN, then activation and dropout) may
-# do more, and a shape-changing override must still run.
-_SHAPE_KEEPING_FORWARDS = {nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward,
-                           BatchNormAct2d.forward}
 
 
 def build_model(spec: ModelSpec, num_classes: int | None = None, *,
@@ -267,32 +125,38 @@ def build_model(spec: ModelSpec, num_classes: int | None = None, *,
             return build_model(spec, num_classes, **backbone_args)
     n_cls = num_classes if num_classes is not None else spec.num_classes
     with _located(spec, "backbone"):
-        model = _make_backbone(spec, n_cls, backbone_args)
-    plan: list[tuple[str, BlockConfig, SiteRef, bool]] = []
-    plan_index: list[int] = []  # the insertion of each plan entry
-    for i, ins in enumerate(spec.insert):
-        where = f"{spec.name}: insert[{i}] ({ins.block.block_type()})"
-        with _located(spec, "insert", i):
-            if ins.zero_init and not isinstance(ins.at, str) and ins.at.position == "replace":
-                raise SpecError(f"{where}: zero_init cannot apply to a 'replace' site")
-            for site in resolve_sites(model, ins, where):
-                plan.append((where, ins.block, site, ins.zero_init))
-                plan_index.append(i)
-    with _located(spec, "insert"):
-        _refuse_sites_inside_replacements(plan)
+        model, deferred = _make_backbone_deferring_init(spec, n_cls, backbone_args)
     with _located(spec, "input_size" if spec.input_size is not None else "backbone"):
         input_size = probe_input_size(model, spec, {**spec.backbone.args, **backbone_args})
-        shapes = probe(model, {s.path for _, _, s, _ in plan}, input_size) if plan else {}
-    inserted: list[InsertedBlock] = []
-    for (where, config, site, zero_init), i in zip(plan, plan_index, strict=True):
-        with _located(spec, "insert", i):
-            inserted.append(_insert(model, where, config, site, zero_init,
-                                    shapes.get(site.path)))
+
+    def locate(*loc: str | int) -> contextlib.AbstractContextManager[None]:
+        if loc == ("probe",):
+            return _located(spec, "input_size" if spec.input_size is not None else "backbone")
+        return _located(spec, *loc)
+
+    inserted = apply_insertions(model, spec.insert, input_size, spec.name, locate=locate)
     model.attnzoo_spec, model.attnzoo_unrecorded_args = _as_built(spec, num_classes,
                                                                    backbone_args)
     model.attnzoo_blocks = inserted
+    if deferred is not None:  # initialise what the blocks did not replace
+        deferred.materialise(model)
     apply_zoo_cfg(model, spec)
     return model
+
+
+def _make_backbone_deferring_init(spec: ModelSpec, num_classes: int | None,
+                                  extra: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """The backbone, with its random initialisation deferred (``deferred_init``) when
+    the spec replaces modules, so that the replaced ones are never initialised; the
+    recorder to materialise after the insertions, or None (initialised already)."""
+    if not any(not isinstance(ins.at, str) and ins.at.position == "replace"
+               for ins in spec.insert):
+        return _make_backbone(spec, num_classes, extra), None
+    with deferred_init() as recorder:
+        model = _make_backbone(spec, num_classes, extra)
+    if recorder.replayable:
+        return model, recorder
+    return _make_backbone(spec, num_classes, extra), None  # it read its own init
 
 
 @contextlib.contextmanager
@@ -339,72 +203,6 @@ def _is_plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
     return False
-
-
-def _refuse_sites_inside_replacements(plan: list[tuple[str, BlockConfig, SiteRef, bool]]
-                                      ) -> None:
-    """A replaced module is gone from the built model: no other site may be it, lie
-    inside it, or hold it."""
-    for i, (where, _, site, _) in enumerate(plan):
-        if site.position != "replace":
-            continue
-        for j, (other_where, _, other, _) in enumerate(plan):
-            if i == j:
-                continue
-            if other.path == site.path or other.path.startswith(site.path + ".") or (
-                    site.path.startswith(other.path + ".")):
-                raise SpecError(
-                    f"{where}: replaces {site.path!r}, and {other_where} uses "
-                    f"{other.path!r} ({other.position}); a replaced module cannot also be, "
-                    "contain or lie inside another site")
-
-
-def _insert(model: nn.Module, where: str, config: BlockConfig, site: SiteRef, zero_init: bool,
-            shape: tuple[Any, Any] | None) -> InsertedBlock:
-    if shape is None or shape[0] is None or shape[1] is None:
-        raise SpecError(f"{where}: module {site.path!r} was not reached by a forward pass, "
-                        "or does not take and return a tensor; pick another site")
-    (in_ch, in_size, in_rank), (out_ch, out_size, out_rank) = shape
-    rank = out_rank if site.position == "after" else in_rank
-    if rank not in config.input_ranks:
-        wanted = " or ".join(_RANK_NAMES.get(r, f"{r}-D") for r in config.input_ranks)
-        raise SpecError(f"{where}: block {config.block_type()!r} takes {wanted} tensors, but "
-                        f"{site.position} {site.path!r} the tensor is "
-                        f"{_RANK_NAMES.get(rank, f'{rank}-D')}; pick another site")
-    target = model.get_submodule(site.path)
-    if site.position == "replace":
-        stride = getattr(target, "stride", 1)
-        site_info = Site(channels=in_ch, size=in_size, out_channels=out_ch, out_size=out_size,
-                         stride=stride[0] if isinstance(stride, tuple) else int(stride),
-                         replaced=target)
-    elif site.position == "before":
-        site_info = Site(channels=in_ch, size=in_size)
-    else:
-        site_info = Site(channels=out_ch, size=out_size)
-    try:
-        block = config.build(site_info)
-    except (ValueError, TypeError) as exc:
-        raise SpecError(f"{where}: cannot build at {site.path} ({site.position}, "
-                        f"{site_info.channels} channels): {exc}") from None
-    if not takes_one_tensor(block):
-        raise SpecError(f"{where}: block {config.block_type()!r} fuses several inputs and "
-                        f"cannot be inserted at one site ({site.path}); it is used inside "
-                        "architectures")
-    if zero_init:
-        if config.residual and hasattr(block, "reset_identity_"):
-            block.reset_identity_()
-        else:
-            block = IdentityBlend(block)
-    params = sum(p.numel() for p in block.parameters())
-    if site.position == "replace":
-        name = _replace(model, site.path, block)
-    else:
-        name = _attach(model, site.path, AFTER if site.position == "after" else BEFORE, block)
-    replaced = site.position == "replace"
-    return InsertedBlock(name, config.block_type(), site.path, site.position,
-                         site_info.channels, site_info.size, params,
-                         out_channels=out_ch if replaced else site_info.channels,
-                         out_size=out_size if replaced else site_info.size)
 
 
 def list_blocks() -> list[str]:

@@ -112,6 +112,12 @@ def _shape(channels: int | None, size: Sequence[int] | None) -> str:
     return f"{channels}@{'x'.join(map(str, size))}" if size else str(channels)
 
 
+def _layout(block: Any) -> str:
+    """``nchw``, or ``nhwc->nchw`` for a block run converted at a site of another layout."""
+    site, runs = getattr(block, "layout", "nchw"), getattr(block, "block_layout", "nchw")
+    return site if site.split("(")[0] == runs else f"{site}->{runs}"
+
+
 class Progress:
     """What a slow command is doing, on one line of stderr that the next step
     overwrites: only when stderr is a terminal (nothing in pipes, logs or tests)."""
@@ -143,46 +149,67 @@ def progress() -> Iterator[Progress]:
 
 
 def _cmd_summary(args: argparse.Namespace) -> int:
-    from .builder import probe_input_size
     from .pretrained import create_model
 
     with progress() as shown:
         shown.step(f"building {args.name} (backbone, shape probe, blocks)")
         # The architecture only: a saved folder's or Hub repo's weights change no count.
         model = create_model(args.name, pretrained=False)
-        spec = model.attnzoo_spec
+    summarize(model, args.input_size)
+    return 0
+
+
+def summarize(model: nn.Module, input_size: int | None = None) -> None:
+    """Print ``attnzoo summary`` of a model built by attnzoo or changed by
+    ``attnzoo.insert``: parameters, multiply-adds at ``input_size`` (N x N; the
+    model's own size when None) and a row per inserted block (layout, input, output)."""
+    from .builder import probe_input_size
+    from .inserted import class_name
+
+    spec = getattr(model, "attnzoo_spec", None)
+    if spec is not None:
         own_size = probe_input_size(model, spec, spec.backbone.args)
-        size = (own_size[0], args.input_size, args.input_size) if args.input_size else own_size
-        shown_size = "x".join(map(str, size))
-        shown.step(f"counting multiply-adds of {spec.name} at {shown_size}")
+        name, about = spec.name, spec.description
+        backbone = f"{spec.backbone.source}:{spec.backbone.name}"
+    elif getattr(model, "attnzoo_insertions", None):
+        own_size = tuple(model.attnzoo_insertions[0]["input_size"])
+        name, about = type(model).__name__, "blocks inserted by attnzoo.insert"
+        backbone = class_name(model)
+    else:
+        raise AttnZooError(f"{type(model).__name__} was neither built by attnzoo nor "
+                           "changed by attnzoo.insert")
+    size = (own_size[0], input_size, input_size) if input_size else own_size
+    shown_size = "x".join(map(str, size))
+    with progress() as shown:
+        shown.step(f"counting multiply-adds of {name} at {shown_size}")
         try:
             flops, per_module = count_flops(model, size)
         except Exception as exc:  # noqa: BLE001 - e.g. a ViT made for one image size
-            raise AttnZooError(f"{spec.name} does not run at input {shown_size}: "
+            raise AttnZooError(f"{name} does not run at input {shown_size}: "
                                f"{type(exc).__name__}: {exc}") from None
     total = sum(p.numel() for p in model.parameters())
     added = sum(b.params for b in model.attnzoo_blocks)
-    print(textwrap.fill(f"{spec.name}: {spec.description}", PLAIN_WIDTH,
-                        subsequent_indent="  "))
-    print(f"backbone: {spec.backbone.source}:{spec.backbone.name} ({type(model).__name__})")
+    print(textwrap.fill(f"{name}: {about}", PLAIN_WIDTH, subsequent_indent="  "))
+    print(f"backbone: {backbone} ({type(model).__name__})")
     print(f"parameters: {total:,} ({total / 1e6:.2f}M), of which inserted blocks: {added:,}")
     print(f"GMACs at {shown_size}: {_fmt(flops / 2e9)} (papers' \"GFLOPs\"; {flops:,} FLOPs, "
           "2 per multiply-add,")
     print("  as torch.utils.flop_counter counts them; fused attention by its formula)")
-    rows = [(b.name, b.block_type, b.position, _shape(b.channels, b.size),
+    rows = [(b.name, b.block_type, b.position, _layout(b), _shape(b.channels, b.size),
              _shape(b.out_channels, b.out_size), f"{b.params:,}",
              _fmt(per_module.get(b.name, 0) / 2e6))
             for b in model.attnzoo_blocks]
-    headers = ("module", "type", "position", "in", "out", "params", "MMACs")
+    headers = ("module", "type", "position", "layout", "in", "out", "params", "MMACs")
     print_table(f"inserted blocks: {len(rows)}", headers, rows,
                 right=("in", "out", "params", "MMACs"), wrap="module")
     if rows:
-        print("(in, out: channels@HxW of each block's input and output; channels@tokens for "
-              "token sequences)")
+        print(textwrap.fill(
+            "(in, out: channels@HxW of each block's input and output; channels@tokens for "
+            "token sequences; layout: the site's, -> the block's where it runs converted)",
+            PLAIN_WIDTH, subsequent_indent=" "))
         if size != own_size:
             print(f"(in, out: at the model's own input size {'x'.join(map(str, own_size))}; "
                   "MMACs: at the input above)")
-    return 0
 
 
 def _push_error(exc: Exception, repo_id: str) -> AttnZooError:
@@ -221,8 +248,78 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sites_model(name: str) -> tuple[nn.Module, Any]:
+    """The model ``attnzoo sites NAME`` lists, built on the meta device, and its spec: a
+    zoo name, spec file or saved folder, or a bare timm/torchvision backbone."""
+    from .builder import build_model
+    from .pretrained import resolve
+    from .spec import ModelSpec
+
+    source, _, backbone = name.partition(":")
+    if source in ("timm", "torchvision") and backbone:
+        spec = ModelSpec.from_dict({"name": backbone,
+                                    "backbone": {"source": source, "name": backbone}})
+    else:
+        try:
+            spec = resolve(name, pretrained=False).spec
+        except AttnZooError:
+            import timm
+
+            if not timm.is_model(name):
+                raise
+            spec = ModelSpec.from_dict({"name": name, "backbone": {"name": name}})
+    return build_model(spec, device="meta"), spec
+
+
+def _cmd_sites(args: argparse.Namespace) -> int:
+    from .any_model import list_sites
+    from .builder import probe_input_size
+
+    with progress() as shown:
+        shown.step(f"building {args.model} on the meta device")
+        model, spec = _sites_model(args.model)
+        size = probe_input_size(model, spec, spec.backbone.args)
+        if args.input_size:
+            size = (size[0], args.input_size, args.input_size)
+        shown.step("probing every module")
+        sites = list_sites(model, size)
+    print(f"{spec.name}: {spec.backbone.source}:{spec.backbone.name} "
+          f"({type(model).__name__}) at input {'x'.join(map(str, size))}")
+    print_table(f"sites: {len(sites)}", ("module", "type", "stage.block", "input", "output",
+                                         "aliases"), [s.row() for s in sites], wrap="aliases")
+    print("(stages from 1, blocks from 0; input, output: layout and shape without the batch "
+          "axis: nchw CxHxW, nhwc HxWxC, tokens(prefix+HxW) NxC, vectors C. A block goes "
+          "after, before or in place of a module: {path: MODULE, position: ...}, or at an "
+          "alias: at: ALIAS, with stages: and blocks: to choose)")
+    return 0
+
+
+def _cmd_maps(args: argparse.Namespace) -> int:
+    """``attnzoo maps MODEL IMAGE --out maps.png``: the model's spatial attention maps
+    over the image, one panel each (``attnzoo.attention_maps``)."""
+    import torch
+
+    from .attention_maps import load_image, record_attention, render_maps, spatial_maps
+    from .pretrained import create_model
+
+    model = create_model(args.model, pretrained=args.pretrained).eval()
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    chans, h, w = cfg.get("input_size", (3, 224, 224))
+    if args.input_size:
+        h = w = args.input_size
+    try:
+        x, picture = load_image(args.image, (chans, h, w), cfg.get("mean"), cfg.get("std"))
+    except OSError as exc:
+        raise AttnZooError(f"cannot read image {args.image}: {exc}") from None
+    with torch.no_grad(), record_attention(model) as maps:
+        model(x)
+    render_maps(picture, maps, columns=args.columns).save(args.out)
+    print(f"{args.out}: {len(spatial_maps(maps))} spatial maps of {len(maps)} recorded")
+    return 0
+
+
 COMMANDS = {"show": _cmd_show, "summary": _cmd_summary, "schema": _cmd_schema,
-            "push": _cmd_push}
+            "push": _cmd_push, "sites": _cmd_sites, "maps": _cmd_maps}
 
 
 def run(args: argparse.Namespace) -> int:

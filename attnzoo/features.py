@@ -12,7 +12,9 @@ from timm.models import FeatureDictNet, FeatureHookNet, FeatureListNet
 from timm.models._features import FeatureGetterNet
 from torch import nn
 
+from .aliases import find_stages
 from .errors import SpecError
+from .insertion import default_input_size, probe
 from .spec import ModelSpec
 
 _FEATURE_CLASSES: dict[str, type[nn.Module]] = {
@@ -42,6 +44,8 @@ def features_model(model: nn.Module, out_indices: Any = None,
     """
     spec: ModelSpec | None = getattr(model, "attnzoo_spec", None)
     label = spec.name if spec else type(model).__name__
+    if not getattr(model, "feature_info", None) and (info := stage_feature_info(model, spec)):
+        model.feature_info = info  # a torchvision ResNet, a user's net: from its stages
     if not getattr(model, "feature_info", None):
         source = (f"{spec.backbone.source}:{spec.backbone.name}" if spec
                   else type(model).__name__)
@@ -70,11 +74,36 @@ def features_model(model: nn.Module, out_indices: Any = None,
 
     cfg_in = getattr(model, "pretrained_cfg", None) or {}
     wrapper.pretrained_cfg = wrapper.default_cfg = pretrained_cfg_for_features(cfg_in)
+    kept = {id(m) for m in wrapper.modules()}
     if spec is not None:
-        kept = {id(m) for m in wrapper.modules()}
         wrapper.attnzoo_spec = spec
+    if spec is not None or blocks:
         wrapper.attnzoo_blocks = [b for b in blocks if id(block_modules[b.name]) in kept]
     return wrapper
+
+
+def stage_feature_info(model: nn.Module, spec: ModelSpec | None) -> list[dict[str, Any]]:
+    """``feature_info`` for a model without one (torchvision's ResNets, a user's
+    network) whose stages (:mod:`attnzoo.aliases`) are its own children: one entry per
+    stage output, its channels and reduction measured by a dry run on the meta
+    device. Empty when it has no such stages."""
+    stages = [s for s in find_stages(model) if "." not in s.path]
+    if not stages:
+        return []
+    size = tuple(spec.input_size) if spec is not None and spec.input_size else \
+        default_input_size(model)
+    try:
+        seen = probe(model, [s.path for s in stages], size)
+    except SpecError:
+        return []
+    info = []
+    for stage in stages:
+        shape = seen[stage.path].out_shape
+        if shape is None or len(shape) != 4:
+            return []
+        info.append({"module": stage.path, "num_chs": shape[1],
+                     "reduction": max(1, size[1] // shape[2])})
+    return info
 
 
 def _feature_class(feature_cls: str | type[nn.Module]) -> type[nn.Module]:
@@ -102,21 +131,25 @@ def _timm_feature_defaults(model: nn.Module, spec: ModelSpec | None
     fallback_cls = FeatureGetterNet if hasattr(model, "forward_intermediates") \
         and spec is not None and spec.backbone.source == "attnzoo" else FeatureListNet
     fallback = (fallback_cls, tuple(range(len(names))), flatten)
-    if spec is None or spec.backbone.source != "timm":
+    if spec is not None and spec.backbone.source == "timm":
+        name, args = spec.backbone.name, spec.backbone.args
+    elif spec is None and timm.is_model(arch := (getattr(model, "pretrained_cfg", None)
+                                                 or {}).get("architecture", "")):
+        name, args = arch, {}  # a timm model changed by attnzoo.insert
+    else:
         return fallback
     try:
         with torch.device("meta"):
-            probe = timm.create_model(spec.backbone.name, features_only=True,
-                                      **spec.backbone.args)
+            made = timm.create_model(name, features_only=True, **args)
     except Exception:  # noqa: BLE001 - a backbone that cannot build on meta: generic
         return fallback
-    indices = tuple(probe.feature_info.out_indices)
-    if isinstance(probe, FeatureGetterNet):
+    indices = tuple(made.feature_info.out_indices)
+    if isinstance(made, FeatureGetterNet):
         return FeatureGetterNet, indices, False
-    if isinstance(probe, FeatureHookNet):
+    if isinstance(made, FeatureHookNet):
         return FeatureHookNet, indices, flatten
-    if isinstance(probe, FeatureDictNet):
-        return type(probe), indices, not set(probe._modules) <= set(model._modules)
+    if isinstance(made, FeatureDictNet):
+        return type(made), indices, not set(made._modules) <= set(model._modules)
     return FeatureListNet, indices, flatten
 
 

@@ -25,8 +25,8 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
 from ._version import __version__
 from .errors import WeightsError
 from .safe_weights import SHA256
+from .settings import HOME_ENV, home
 
-HOME_ENV = "ATTNZOO_HOME"
 REQUIRE_PINNED_ENV = "ATTNZOO_REQUIRE_PINNED"
 _RECORDS = "hub_files.json"
 _MAX_RECORDS_BYTES = 16 << 20
@@ -45,15 +45,6 @@ class HubFile:
     def record(self) -> dict[str, str]:
         return {"repo": self.repo, "revision": self.revision, "commit": self.commit,
                 "file": self.file, "sha256": self.sha256}
-
-
-def home() -> Path:
-    """attnzoo's folder in the user's cache: ``$ATTNZOO_HOME``, else
-    ``$XDG_CACHE_HOME/attnzoo``, else ``~/.cache/attnzoo``."""
-    if os.environ.get(HOME_ENV):
-        return Path(os.environ[HOME_ENV])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(cache) / "attnzoo"
 
 
 def records_path() -> Path:

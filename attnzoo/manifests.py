@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import SpecError, WeightsError
 from .registry import did_you_mean
 from .safe_weights import SHA256, check_weights_file_name
-from .safe_yaml import load_yaml
+from .safe_yaml import load_yaml, read_source
 from .validation import format_validation_error
 from .zoo import data_dir
 
@@ -103,8 +103,8 @@ def load_manifest(name: str, folder: str | os.PathLike[str] | None = None
     path = Path(folder or weights_dir()) / f"{name}.yaml"
     if not path.is_file():
         return None
-    text = path.read_text(encoding="utf-8")
-    try:
+    try:  # a regular file inside the folder, of a spec's size at most
+        text, _ = read_source(path, within=path.parent)
         return WeightsManifest.model_validate(load_yaml(text, f"weights manifest {path}"))
     except SpecError as exc:
         raise WeightsError(str(exc)) from None

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 
 class _ParametersOnMeta(threading.local):
@@ -37,6 +38,19 @@ def _register_parameter(module: nn.Module, name: str, param: nn.Parameter | None
     _ORIGINAL_REGISTER(module, name, param)
 
 
+class _SkipInitOnMeta(TorchFunctionMode):
+    """In-place ops on meta tensors (``normal_``, ``uniform_``, ``fill_``: a layer's
+    initialisation) return at once instead of running torch's Python decompositions,
+    which cost about half of a ResNet-50 build and change nothing on meta."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (args and isinstance(args[0], torch.Tensor) and args[0].is_meta
+                and getattr(func, "__name__", "").endswith("_")
+                and not getattr(func, "__name__", "").startswith("__")):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Build modules with every ``nn.Parameter`` on the meta device, buffers as usual.
@@ -52,7 +66,8 @@ def parameters_on_meta() -> Iterator[None]:
         _PATCH_USERS += 1
     _META.depth += 1
     try:
-        yield
+        with _SkipInitOnMeta():
+            yield
     finally:
         _META.depth -= 1
         with _PATCH_LOCK:

@@ -152,7 +152,9 @@ def zoo_weights(spec: ModelSpec, pretrained: bool | str, *,
     where = f"{where} ({entry.file})"
 
     def read() -> dict[str, torch.Tensor]:
-        state = read_verified(path, sha256, where)
+        # an embedded file stays in the manifests folder (links resolved)
+        state = read_verified(path, sha256, where,
+                              within=weights_dir() if entry.repo is None else None)
         if trusted is not None:
             remember(trusted)
         if entry.format == "timm":

@@ -15,10 +15,14 @@ import os
 import re
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
+from . import verified_files
+from .atomic import open_regular
 from .errors import WeightsError
+from .hub_cache import in_hub_cache, quarantine, removal_advice
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: attnzoo's cap on the JSON header (the format allows 100 MB). A vision model's header
@@ -36,16 +40,21 @@ _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05", b"PK\x03\x0
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """The sha256 of a regular file, read up to the size it has when opened (a FIFO or
+    device is refused, a ``/proc`` file that never ends is read as empty)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
+    with open_regular(path, WeightsError) as f:
+        left = os.fstat(f.fileno()).st_size
+        while left > 0 and (block := f.read(min(chunk, left))):
             digest.update(block)
+            left -= len(block)
     return digest.hexdigest()
 
 
-def refuse_pickle(path: str | os.PathLike[str], where: str | None = None) -> None:
+def refuse_pickle(path: str | os.PathLike[str], where: str | None = None, *,
+                  content: bool = True) -> None:
     """Raise WeightsError if ``path`` is a pickle-based checkpoint: by its name, then (when
-    the file exists) by its first bytes. The file is never unpickled."""
+    ``content`` and it is a regular file) by its first bytes. The file is never unpickled."""
     p = Path(path)
     prefix = f"{where}: " if where else ""
     if p.name.lower().endswith(PICKLE_SUFFIXES):
@@ -53,10 +62,10 @@ def refuse_pickle(path: str | os.PathLike[str], where: str | None = None) -> Non
             f"{prefix}refusing {p}: pickle checkpoints (.bin, .pt, .pth, .ckpt) can run code "
             "when loaded and attnzoo never unpickles; use safetensors (convert a checkpoint "
             "you trust with tools/convert_timm.py or safetensors.torch.save_file)")
-    if not p.is_file():
+    if not content or not p.is_file():
         return
-    with open(p, "rb") as f:
-        head = f.read(4)
+    with open_regular(p, WeightsError) as f:
+        head = _read_exactly(f, 4)
     if head.startswith(_PICKLE_MAGIC):
         raise WeightsError(f"{prefix}{p}: file content is a pickle/zip checkpoint, not "
                            "safetensors; refusing to load it")
@@ -129,19 +138,32 @@ def check_header(path: str | os.PathLike[str]) -> dict[str, dict]:
     Returns the tensor entries (name -> {dtype, shape, data_offsets}).
     """
     p = Path(path)
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise WeightsError(f"{p}: too short to be a safetensors file ({size} bytes)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise WeightsError(f"{p}: header length {n} does not fit a {size}-byte file "
-                               "(truncated, or not a safetensors file)")
-        if n > MAX_HEADER_BYTES:
-            raise WeightsError(f"{p}: header length {n} is over attnzoo's limit of "
-                               f"{MAX_HEADER_BYTES} bytes")
-        header = _parse_header(p, f.read(n))
+    with open_regular(p, WeightsError) as f:
+        return _check_header(f, p, os.fstat(f.fileno()).st_size)
+
+
+def _read_exactly(f: BinaryIO, n: int) -> bytes:
+    chunks, got = [], 0
+    while got < n and (chunk := f.read(n - got)):
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _check_header(f: BinaryIO, p: Path, size: int) -> dict[str, dict]:
+    """:func:`check_header` of an open regular file of ``size`` bytes."""
+    f.seek(0)
+    raw = _read_exactly(f, 8) if size >= 8 else b""  # nothing past the size (a /proc file)
+    if len(raw) < 8:
+        raise WeightsError(f"{p}: too short to be a safetensors file ({size} bytes)")
+    (n,) = struct.unpack("<Q", raw)
+    if n > size - 8:
+        raise WeightsError(f"{p}: header length {n} does not fit a {size}-byte file "
+                           "(truncated, or not a safetensors file)")
+    if n > MAX_HEADER_BYTES:
+        raise WeightsError(f"{p}: header length {n} is over attnzoo's limit of "
+                           f"{MAX_HEADER_BYTES} bytes")
+    header = _parse_header(p, _read_exactly(f, n))
     metadata = header.pop("__metadata__", {})
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
         raise WeightsError(f"{p}: __metadata__ must map strings to strings, got "
@@ -204,7 +226,7 @@ def check_weights_file_name(name: str, embedded: bool = False) -> None:
 # ------------------------------------------------------------------ reading tensors
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TORCH_DTYPES = {
+TORCH_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16,
     "U16": torch.uint16, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
     "U32": torch.uint32, "F32": torch.float32, "I64": torch.int64, "U64": torch.uint64,
@@ -213,92 +235,153 @@ _TORCH_DTYPES = {
 _READ_CHUNK = 16 << 20
 
 
-def _mismatch(path: Path, actual: str, sha256: str, where: str) -> WeightsError:
-    return WeightsError(
-        f"{where}: weights file {path.name} ({path}) failed verification: sha256 "
-        f"{actual} != expected {sha256}; it is corrupt, truncated or not the pinned "
-        "file. Delete it (for a Hub download: `hf cache delete`) and download again.")
+class HashMismatch(WeightsError):
+    """A weights file that is not the one whose sha256 was recorded."""
 
 
-def _read_and_hash(path: Path, header: dict[str, dict]) -> tuple[dict[str, torch.Tensor], str]:
-    """Read every tensor of a safetensors file whose header passed :func:`check_header`
-    (so the tensors tile the data section), in one pass that also computes the file's
-    sha256.
+def _mismatch(path: Path, problem: str, where: str,
+              what: str = "corrupt, truncated or not the recorded file") -> HashMismatch:
+    """The error for a file that failed verification. A file of the Hub cache is taken
+    out of it, so that the next online load downloads it again."""
+    if in_hub_cache(path):
+        advice = removal_advice(path)
+        if quarantine(path):
+            tail = ("It was removed from the Hub cache; the next load downloads it again "
+                    "(online).")
+        else:
+            tail = f"Remove it from the Hub cache ({advice}) and load again."
+    else:
+        tail = "Save or download it again."
+    return HashMismatch(f"{where}: weights file {path.name} ({path}) failed verification: "
+                        f"{problem}; it is {what}. {tail}")
+
+
+class _NoHash:
+    """Stands in for a hash object when the file is already known to be verified."""
+
+    def update(self, data: object) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
+def _read_and_hash(f: BinaryIO, path: Path, header: dict[str, dict], size: int,
+                   digest: object = None) -> tuple[dict[str, torch.Tensor], str]:
+    """Read every tensor of an open safetensors file of ``size`` bytes whose header passed
+    :func:`check_header` (so the tensors tile the data section), in one pass that also
+    computes the file's sha256. Nothing past ``size`` is read.
 
     Each tensor is read straight into memory from PyTorch's allocator: 64-byte aligned
     like any tensor a model allocates (CPU kernels may round differently on other
     alignments, e.g. on an mmap of the file), the weights held once, no page of the
-    file mapped into the process.
+    file mapped into the process. ``digest`` may be :class:`_NoHash` to skip hashing.
     """
-    digest = hashlib.sha256()
+    digest = digest or hashlib.sha256()
     spans = sorted((info["data_offsets"][0], name) for name, info in header.items())
     tensors: dict[str, torch.Tensor] = {}
-    with open(path, "rb", buffering=0) as f:
-        head = f.read(8)
-        digest.update(head)
-        size = int.from_bytes(head, "little")
-        digest.update(f.read(size))
-        for _, name in spans:
-            info = header[name]
-            dtype = _TORCH_DTYPES[info["dtype"]]
-            if 0 in info["shape"]:  # no data; contiguous strides could overflow int64
-                tensors[name] = torch.empty_strided(info["shape"], [0] * len(info["shape"]),
-                                                    dtype=dtype)
-                continue
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < len(view):
-                got = f.readinto(view[done:done + _READ_CHUNK])
-                if not got:
-                    raise WeightsError(f"{path}: ended inside tensor {name!r}")
-                digest.update(view[done:done + got])
-                done += got
-            tensors[name] = tensor
-        while rest := f.read(_READ_CHUNK):  # nothing, for a header that checked out
-            digest.update(rest)
+    f.seek(0)
+    head = _read_exactly(f, 8)
+    digest.update(head)
+    n = int.from_bytes(head, "little")
+    digest.update(_read_exactly(f, n))
+    left = size - 8 - n
+    for _, name in spans:
+        info = header[name]
+        dtype = TORCH_DTYPES[info["dtype"]]
+        if 0 in info["shape"]:  # no data; contiguous strides could overflow int64
+            tensors[name] = torch.empty_strided(info["shape"], [0] * len(info["shape"]),
+                                                dtype=dtype)
+            continue
+        tensor = torch.empty(info["shape"], dtype=dtype)
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:done + _READ_CHUNK])
+            if not got:
+                raise WeightsError(f"{path}: ended inside tensor {name!r}")
+            digest.update(view[done:done + got])
+            done += got
+        left -= done
+        tensors[name] = tensor
+    while left > 0 and (rest := f.read(min(left, _READ_CHUNK))):
+        digest.update(rest)  # nothing, for a header that checked out
+        left -= len(rest)
     return tensors, digest.hexdigest()
 
 
 def read_verified(path: str | os.PathLike[str], sha256: str | None, where: str, *,
-                  require_hash: bool = True) -> dict[str, torch.Tensor]:
+                  require_hash: bool = True,
+                  within: str | os.PathLike[str] | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, after checking its sha256: attnzoo's one reader.
 
-    The header is validated first, then the file is read once: the tensors and the
-    hash together. Nothing is returned unless the hash matches. Raises WeightsError
-    naming the file when it is a pickle, missing, has another hash (corrupt,
-    truncated, not the pinned file) or is not valid safetensors; a file that fails
-    both the content checks and the hash is reported as failing the hash. With
-    ``require_hash=False`` (a user's own file, read by a tool) ``sha256`` may be None.
+    The file must be a regular file (inside the folder ``within``, links resolved, when
+    given); its header is validated before anything else is read, then the file is
+    read once: the tensors and the hash together. Nothing is returned unless the hash
+    matches. Raises WeightsError naming the file when it is a pickle, missing, not a
+    regular file, has another hash (corrupt, truncated, not the pinned file) or is not
+    valid safetensors; a pinned file whose header is invalid fails verification without
+    being hashed. A file of the Hub cache that fails verification is removed from it.
+    A file this machine verified before and that has not changed since (same inode,
+    size, mtime and ctime: :mod:`attnzoo.verified_files`) is read without hashing.
+    With ``require_hash=False`` (a user's own file, read by a tool) ``sha256`` may be None.
     """
     path = Path(path)
-    refuse_pickle(path, where)
+    refuse_pickle(path, where, content=False)
     if sha256 is None and require_hash or sha256 is not None and not SHA256.match(sha256):
         raise WeightsError(f"{where}: no valid sha256 recorded for {path.name}; refusing to "
                            "load unverified weights")
-    if not path.is_file():
-        raise WeightsError(f"{where}: weights file {path} not found")
+    try:
+        f = open_regular(path, WeightsError, within=within)
+    except FileNotFoundError:
+        raise WeightsError(f"{where}: weights file {path} not found") from None
+    except WeightsError as exc:
+        raise WeightsError(f"{where}: weights file {exc}") from None
+    except OSError as exc:
+        raise WeightsError(f"{where}: cannot read weights file {path}: {exc.strerror}") from None
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            return _verified_tensors(f, path, size, sha256, where)
+        except OSError as exc:  # EIO, or a /proc file that refuses plain reads
+            raise WeightsError(f"{where}: cannot read weights file {path}: "
+                               f"{exc.strerror or exc}") from None
+
+
+def _verified_tensors(f: BinaryIO, path: Path, size: int, sha256: str | None, where: str
+                      ) -> dict[str, torch.Tensor]:
+    """:func:`read_verified` of an open regular file of ``size`` bytes."""
+    if _read_exactly(f, min(4, size)).startswith(_PICKLE_MAGIC):
+        raise WeightsError(f"{where}: {path}: file content is a pickle/zip checkpoint, "
+                           "not safetensors; refusing to load it")
     try:
         # A recorded hash only says the file is the one recorded; a stranger may have
         # recorded a hostile file, so the content is checked before any tensor is read.
-        header = check_header(path)
-        unknown = sorted({i["dtype"] for i in header.values()} - set(_TORCH_DTYPES))
+        header = _check_header(f, path, size)
+        unknown = sorted({i["dtype"] for i in header.values()} - set(TORCH_DTYPES))
         if unknown:
             raise WeightsError(f"{path}: dtypes {unknown} are not supported")
     except WeightsError as exc:
-        actual = sha256_file(path) if sha256 is not None else None
-        if actual != sha256:
-            raise _mismatch(path, actual, sha256, where) from None
+        if sha256 is not None:  # not the pinned file: no need to hash it to know
+            raise _mismatch(path, str(exc).removeprefix(f"{path}: "), where,
+                            "corrupt, truncated or not a safetensors file") from None
         raise WeightsError(f"{where}: {exc}") from None
+    stat = os.fstat(f.fileno())
+    known = sha256 is not None and verified_files.is_verified(path, stat, sha256)
     try:
-        tensors, actual = _read_and_hash(path, header)
+        tensors, actual = _read_and_hash(f, path, header, size,
+                                         _NoHash() if known else None)
     except WeightsError as exc:
         raise WeightsError(f"{where}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a verified file can still be malformed
         raise WeightsError(f"{where}: weights file {path.name} ({path}) is not a valid "
                            f"safetensors file: {exc}") from None
+    if known:
+        return tensors
     if sha256 is not None and actual != sha256:
-        raise _mismatch(path, actual, sha256, where)
+        raise _mismatch(path, f"sha256 {actual} != expected {sha256}", where)
+    if sha256 is not None:
+        verified_files.remember(path, stat, sha256)
     return tensors
 
 

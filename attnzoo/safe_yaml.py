@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from .atomic import read_capped
 from .errors import SpecError
 
 #: Most YAML nodes a spec may expand to, counting every use of an alias. Zoo specs have
@@ -20,6 +21,9 @@ from .errors import SpecError
 #: model_dump / to_yaml / comparisons long after loading.
 MAX_YAML_NODES = 100_000
 MAX_YAML_DEPTH = 64
+#: Largest spec file read (the zoo's are a few kB): a device or a huge file is refused
+#: before it fills the memory.
+MAX_SPEC_BYTES = 4 << 20
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _NOT_PLAIN = ("binary", "set", "omap", "pairs", "timestamp")
 
@@ -130,14 +134,19 @@ def load_yaml(text: str, origin: str = "spec") -> Any:
         loader.dispose()
 
 
-def read_source(source: str | os.PathLike[str]) -> tuple[str, str]:
+def read_source(source: str | os.PathLike[str], *,
+                within: str | os.PathLike[str] | None = None) -> tuple[str, str]:
+    """The text of a spec and where it came from: a path (a PathLike, or a string
+    ending in .yaml/.yml) is read, at most :data:`MAX_SPEC_BYTES`, and only when it is
+    a regular file (inside the folder ``within``, when given); other text is the spec."""
     if isinstance(source, os.PathLike) or (
         isinstance(source, str) and "\n" not in source
         and source.endswith((".yaml", ".yml"))
     ):
         path = Path(source)
         try:
-            return path.read_text(encoding="utf-8"), str(path)
+            data = read_capped(path, MAX_SPEC_BYTES, SpecError, "a spec", within=within)
+            return data.decode("utf-8"), str(path)
         except OSError as exc:
             raise SpecError(f"cannot read spec file {path}: {exc.strerror}") from None
         except UnicodeDecodeError as exc:

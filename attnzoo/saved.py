@@ -8,9 +8,12 @@ their sha256.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 import yaml
@@ -18,14 +21,17 @@ from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
 from ._version import __version__ as _attnzoo_version
-from .errors import AttnZooError, WeightsError
+from .atomic import FolderLock, interrupted_save, open_regular, write_file, write_folder
+from .errors import AttnZooError, SpecError, WeightsError
+from .hub_cache import hub_cache_dir, in_hub_cache
+from .inserted import INSERT_FILE, card_text, is_inserted, record_text
 from .loading import WeightsPlan
 from .safe_weights import (
     PICKLE_SUFFIXES,
+    TORCH_DTYPES,
     check_weights_file_name,
     read_verified,
     refuse_pickle,
-    sha256_file,
 )
 from .spec import ModelSpec
 from .zoo import SPEC_FILE, saved_spec_path
@@ -34,23 +40,67 @@ WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 
 
+_DTYPE_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+_WRITE_CHUNK = 16 << 20
+
+
+def _safetensors_chunks(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+                        ) -> Iterator[bytes | memoryview]:
+    """The bytes of a safetensors file holding ``tensors`` (contiguous CPU tensors), in
+    pieces: the header (padded to 8 bytes, as safetensors pads it), then each tensor,
+    widest dtype first so that every tensor starts aligned."""
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        if t.dtype not in _DTYPE_NAMES:
+            raise AttnZooError(f"cannot save tensor {key!r}: safetensors has no {t.dtype}")
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    yield len(raw).to_bytes(8, "little") + raw
+    for key in order:
+        if tensors[key].numel():
+            data = memoryview(tensors[key].reshape(-1).view(torch.uint8).numpy())
+            for i in range(0, len(data), _WRITE_CHUNK):
+                yield data[i:i + _WRITE_CHUNK]
+
+
+def _tensor_writer(state_dict: dict[str, torch.Tensor], metadata: dict[str, str] | None,
+                   result: dict[str, str]) -> Callable[[BinaryIO], None]:
+    """A writer of the safetensors bytes of ``state_dict`` that puts their sha256 in
+    ``result["sha256"]`` (hashed while writing: no second pass over the file)."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+
+    def write(f: BinaryIO) -> None:
+        digest = hashlib.sha256()
+        for chunk in _safetensors_chunks(tensors, {"format": "pt", **(metadata or {})}):
+            f.write(chunk)
+            digest.update(chunk)
+        result["sha256"] = digest.hexdigest()
+
+    return write
+
+
 def write_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike[str],
                       metadata: dict[str, str] | None = None) -> str:
-    """Write tensors as safetensors (contiguous, shared storage split) and return the
-    file's sha256."""
-    from safetensors.torch import save_file
+    """Write tensors as a safetensors file, all or nothing (a temp file renamed over
+    ``path``; the mode ``open()`` would give), and return the file's sha256."""
+    result: dict[str, str] = {}
+    write_file(path, _tensor_writer(state_dict, metadata, result))
+    return result["sha256"]
 
-    seen: set[tuple[int, int]] = set()
-    tensors = {}
-    for key, value in state_dict.items():
-        t = value.detach().cpu().contiguous()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if t.numel() and (ident in seen or t.untyped_storage().nbytes() != t.nbytes):
-            t = t.clone()  # tied or viewed tensors: safetensors stores each one whole
-        seen.add(ident)
-        tensors[key] = t
-    save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
-    return sha256_file(path)
+
+def _refuse_hub_cache(out: Path) -> None:
+    if in_hub_cache(out):
+        raise AttnZooError(
+            f"{out}: is in the Hugging Face Hub cache ({hub_cache_dir()}); refusing to save "
+            "there: the cache holds the Hub's files as downloaded, and a pinned hf-hub: "
+            "load must only ever return the Hub's bytes. Save into a folder of your own.")
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
@@ -62,9 +112,15 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
     ``create_model(directory)`` (or ``"hf-hub:<repo>"`` once pushed) rebuilds the model
     from the spec and loads the weights after checking their sha256.
 
+    The save is all or nothing: each file is written to a temp file in the folder and
+    renamed over the old one, ``attnzoo.yaml`` last (a link in the folder is replaced,
+    never written through); saves into one folder take turns (a lock on the folder).
+    An interrupted save leaves the old model, the new one, or a folder that loading
+    refuses as "an interrupted save". The Hub cache is refused as a target.
+
     Args:
         model: a model built by attnzoo (it carries ``attnzoo_spec``).
-        directory: created if missing; files in it are overwritten.
+        directory: created if missing; its model files are replaced.
         license: license of the weights (default: the spec's, or the loaded weights').
         metrics: measured metrics, name -> value, for the card.
         source: provenance (where the weights come from, how they were made).
@@ -72,9 +128,12 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
         repo_id: the Hub repo, for the card's usage snippet.
     """
     spec: ModelSpec | None = getattr(model, "attnzoo_spec", None)
+    if not isinstance(spec, ModelSpec) and is_inserted(model):
+        return _save_inserted(model, Path(directory))
     if not isinstance(spec, ModelSpec):
         raise AttnZooError("save_pretrained saves models built by attnzoo.create_model "
-                           "(the model has no attnzoo_spec)")
+                           "or changed by attnzoo.insert (the model has neither "
+                           "attnzoo_spec nor attnzoo_insertions)")
     unrecorded = getattr(model, "attnzoo_unrecorded_args", None)
     if unrecorded:  # the saved spec would rebuild a different network
         raise AttnZooError(
@@ -94,18 +153,45 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
     spec = spec.model_copy(update=update) if update else spec
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    sha = write_safetensors(model.state_dict(), out / WEIGHTS_FILE,
-                            {"attnzoo_version": _attnzoo_version, "attnzoo_model": spec.name})
-    weights: dict[str, Any] = {"file": WEIGHTS_FILE, "sha256": sha}
-    if source:
-        weights["source"] = source
-    if metrics:
-        weights["metrics"] = {k: float(v) for k, v in metrics.items()}
-    text = spec.to_yaml() + yaml.safe_dump({"weights": weights}, sort_keys=False, width=100)
-    (out / SPEC_FILE).write_text(text, encoding="utf-8")
-    card = model_card(model, spec, weights, license=license, tags=tags, repo_id=repo_id)
-    card.save(out / CARD_FILE)
+    _refuse_hub_cache(out)
+    written: dict[str, str] = {}
+    weights: dict[str, Any] = {"file": WEIGHTS_FILE}
+
+    def write_card(f: BinaryIO) -> None:  # after the weights: it shows their sha256
+        weights["sha256"] = written["sha256"]
+        if source:
+            weights["source"] = source
+        if metrics:
+            weights["metrics"] = {k: float(v) for k, v in metrics.items()}
+        card = model_card(model, spec, weights, license=license, tags=tags, repo_id=repo_id)
+        f.write(str(card).encode("utf-8"))
+
+    def write_spec(f: BinaryIO) -> None:  # the commit record: written last
+        text = spec.to_yaml() + yaml.safe_dump({"weights": weights}, sort_keys=False, width=100)
+        f.write(text.encode("utf-8"))
+
+    tensors = _tensor_writer(model.state_dict(), {"attnzoo_version": _attnzoo_version,
+                                                  "attnzoo_model": spec.name}, written)
+    write_folder(out, [(WEIGHTS_FILE, tensors), (CARD_FILE, write_card), (SPEC_FILE, write_spec)])
+    return out
+
+
+def _save_inserted(model: nn.Module, out: Path) -> Path:
+    """``save_pretrained`` of a model that ``attnzoo.insert`` changed (see
+    :mod:`attnzoo.inserted`): its weights, ``attnzoo_insert.yaml`` last, and a card."""
+    _refuse_hub_cache(out)
+    written: dict[str, str] = {}
+
+    def weights() -> dict[str, str]:
+        return {"file": WEIGHTS_FILE, "sha256": written["sha256"]}
+
+    tensors = _tensor_writer(model.state_dict(), {"attnzoo_version": _attnzoo_version,
+                                                  "attnzoo_inserted_into": type(model).__name__},
+                             written)
+    write_folder(out, [
+        (WEIGHTS_FILE, tensors),
+        (CARD_FILE, lambda f: f.write(card_text(model, weights()).encode("utf-8"))),
+        (INSERT_FILE, lambda f: f.write(record_text(model, weights()).encode("utf-8")))])
     return out
 
 
@@ -164,30 +250,73 @@ def read_saved_spec(path: str | os.PathLike[str]) -> tuple[ModelSpec, dict[str, 
     return spec, {**weights, "file": file}
 
 
+def _identity(path: Path) -> tuple[int, ...]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _check_folder(folder: Path, spec_path: Path) -> None:
+    """Refuse an interrupted save, and a spec file that is not a regular file inside the
+    folder (links resolved), before anything of it is read. Call holding the lock."""
+    problem = interrupted_save(folder, SPEC_FILE)
+    if problem:
+        raise WeightsError(problem)
+    if os.path.lexists(spec_path):
+        try:
+            open_regular(spec_path, SpecError, within=folder).close()
+        except OSError as exc:
+            raise SpecError(f"cannot read spec file {spec_path}: {exc.strerror}") from None
+        return
+    pickles = sorted(p.name for p in folder.iterdir()
+                     if p.name.lower().endswith(PICKLE_SUFFIXES))
+    if pickles:
+        refuse_pickle(folder / pickles[0], f"{folder} (no {SPEC_FILE}; holds "
+                      f"{', '.join(pickles)})", content=False)
+    if os.path.lexists(folder / INSERT_FILE):
+        raise WeightsError(f"{folder}: holds attnzoo blocks inserted into a model of your "
+                           f"own or another library ({INSERT_FILE}), not a spec; load it with "
+                           "attnzoo.load_inserted(<a new instance of that model>, folder)")
+    raise WeightsError(f"{folder}: no {SPEC_FILE}; an attnzoo folder is written by "
+                       "attnzoo.save_pretrained (timm checkpoints: tools/convert_timm.py)")
+
+
 def folder_weights(folder: str | os.PathLike[str]) -> tuple[ModelSpec, WeightsPlan]:
     """The spec of a saved folder (given as the folder or as its ``attnzoo.yaml``) and
     the plan to load its verified weights (the file that ``weights:`` names, beside
-    the ``attnzoo.yaml``)."""
+    the ``attnzoo.yaml``).
+
+    Reads stay inside the folder (links resolved; a Hub cache snapshot folder may link
+    into its repo's blobs) and take only regular files. The folder is read under its
+    lock, shared: a save into it either finishes before or starts after; a folder saved
+    again between reading the spec and the weights is refused, not mixed."""
     spec_path = saved_spec_path(folder)
     folder = spec_path.parent
-    if not spec_path.is_file():
-        pickles = sorted(p.name for p in folder.iterdir()
-                         if p.name.lower().endswith(PICKLE_SUFFIXES))
-        if pickles:
-            refuse_pickle(folder / pickles[0], f"{folder} (no {SPEC_FILE}; holds "
-                          f"{', '.join(pickles)})")
-        raise WeightsError(f"{folder}: no {SPEC_FILE}; an attnzoo folder is written by "
-                           "attnzoo.save_pretrained (timm checkpoints: tools/convert_timm.py)")
-    spec, info = read_saved_spec(spec_path)
-    return spec, saved_weights_plan(folder / info["file"], info, f"{folder} ({info['file']})",
-                                    {"folder": str(folder)})
+    with FolderLock(folder, exclusive=False):
+        _check_folder(folder, spec_path)
+        spec, info = read_saved_spec(spec_path)
+        seen = _identity(spec_path)
+    path, sha256 = folder / info["file"], info.get("sha256")
+    where = f"{folder} ({info['file']})"
+
+    def read() -> dict[str, torch.Tensor]:
+        with FolderLock(folder, exclusive=False):
+            _check_folder(folder, spec_path)
+            if _identity(spec_path) != seen:
+                raise WeightsError(f"{folder}: was saved again while it was being loaded; "
+                                   "load it again")
+            return read_verified(path, sha256, where, within=folder)
+
+    return spec, saved_weights_plan(path, info, where, {"folder": str(folder)}, read=read)
 
 
 def saved_weights_plan(path: Path, info: dict[str, Any], where: str,
-                       loaded_from: dict[str, Any]) -> WeightsPlan:
+                       loaded_from: dict[str, Any],
+                       read: Callable[[], dict[str, torch.Tensor]] | None = None
+                       ) -> WeightsPlan:
     """How to load the weights file that an ``attnzoo.yaml``'s ``weights`` section
-    (``info``) records: verified against its sha256; a new head on request."""
+    (``info``) records: verified against its sha256 (by ``read``, when given); a new
+    head on request."""
     return WeightsPlan(
-        where=where, read=lambda: read_verified(path, info.get("sha256"), where),
+        where=where, read=read or (lambda: read_verified(path, info.get("sha256"), where)),
         record={**{k: v for k, v in info.items() if k != "file"}, "loaded_from": loaded_from},
         new_head_on_request=True)

@@ -3,46 +3,39 @@
 A site is a module path in the backbone plus a position (after / before /
 replace). Sites are resolved against the backbone as built, before anything
 is inserted, so the order of insertions never changes where later ones land.
+Stages and aliases are found by module structure (:mod:`attnzoo.aliases`): stages
+are numbered from 1 and blocks from 0 in every family, and a stage or block index
+that the model does not have is an error that lists the ones it has.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 from dataclasses import dataclass
 
 from torch import nn
 
+from .aliases import FAMILIES, Stage, describe_stages, find_stages, locate, resolve_alias
 from .errors import SpecError
+from .layouts import Stated
 from .spec import Insertion, SiteSelector
 
-# (stage, block) of a module path, tried in order; the first match wins.
-_STAGE_BLOCK_PATTERNS = (
-    re.compile(r"(?:^|\.)layer(?P<stage>\d+)\.(?P<block>\d+)(?=\.|$)"),               # resnet
-    re.compile(r"(?:^|\.)stages\.(?P<stage>\d+)\.(?:blocks\.)?(?P<block>\d+)(?=\.|$)"),
-    re.compile(r"(?:^|\.)network\.(?P<stage>\d+)\.(?P<block>\d+)(?=\.|$)"),           # volo
-    re.compile(r"(?:^|\.)blocks\.(?P<block>\d+)(?=\.|$)"),                            # vit
-)
-
-RESNET_ALIASES = ("after_conv1", "after_conv2", "after_conv3", "residual", "post_add")
+RESNET_ALIASES = tuple(FAMILIES["resnet"][1])
 
 
 @dataclass(frozen=True)
 class SiteRef:
-    """A resolved site: the module at ``path`` and where the block goes relative to it."""
+    """A resolved site: the module at ``path`` and where the block goes relative to it;
+    ``stated``: the layout the site's spec states (``layout:``), if any."""
 
     path: str
     position: str  # "after" | "before" | "replace"
+    stated: Stated | None = None
 
 
-def stage_and_block(path: str) -> tuple[int | None, int | None]:
+def stage_and_block(model: nn.Module, path: str) -> tuple[int | None, int | None]:
     """The (stage, block index) a module path lies in, or (None, None)."""
-    for pattern in _STAGE_BLOCK_PATTERNS:
-        m = pattern.search(path)
-        if m:
-            stage = m.groupdict().get("stage")
-            return (int(stage) if stage is not None else None, int(m["block"]))
-    return None, None
+    return locate(find_stages(model), path)
 
 
 def _segment_match(pattern: str, name: str) -> bool:
@@ -83,42 +76,62 @@ def glob_match(pattern: str, path: str) -> bool:
     return len(names) in reach
 
 
-def _keep(path: str, insertion: Insertion) -> bool:
+def _stated(selector: SiteSelector) -> Stated | None:
+    layout = getattr(selector, "layout", None)
+    if layout is None:
+        return None
+    grid = getattr(selector, "grid", None)
+    return Stated(layout, getattr(selector, "prefix_tokens", None),
+                  tuple(grid) if grid is not None else None)
+
+
+def _check_filters(model: nn.Module, insertion: Insertion, stages: list[Stage],
+                   where: str) -> None:
+    """Every stage and block index of the filters exists in ``model``."""
+    name = type(model).__name__
+    filters = f"stages={insertion.stages} blocks={insertion.blocks}"
+    if not stages:
+        raise SpecError(f"{where}: {filters}, but {name} has no stages attnzoo can number "
+                        "(docs/sites.md says which it finds); select sites with a path glob")
+    if insertion.stages is not None:
+        valid = sorted({s.number for s in stages})
+        bad = [n for n in insertion.stages if n not in valid]
+        if bad:
+            raise SpecError(f"{where}: stages={insertion.stages}: stage "
+                            f"{', '.join(map(str, bad))} out of range; {name} has stages "
+                            f"{', '.join(map(str, valid))} (numbered from 1): "
+                            f"{describe_stages(stages)}")
+    if insertion.blocks is not None:
+        chosen = [s for s in stages if insertion.stages is None or s.number in insertion.stages]
+        bad = [b for b in insertion.blocks if not any(0 <= b < len(s.blocks) for s in chosen)]
+        if bad:
+            have = "; ".join(f"stage {s.number} has blocks 0-{len(s.blocks) - 1}"
+                             if s.blocks else f"stage {s.number} has no blocks"
+                             for s in chosen)
+            raise SpecError(f"{where}: blocks={insertion.blocks}: block "
+                            f"{', '.join(map(str, bad))} out of range in the selected "
+                            f"stages (blocks are numbered from 0 in each stage): {have}")
+
+
+def _keep(path: str, insertion: Insertion, stages: list[Stage]) -> bool:
     if insertion.stages is None and insertion.blocks is None:
         return True
-    stage, block = stage_and_block(path)
+    stage, block = locate(stages, path)
     if insertion.stages is not None and stage not in insertion.stages:
         return False
     return insertion.blocks is None or block in insertion.blocks
 
 
-def _is_resnet_block(module: nn.Module) -> bool:
-    return all(hasattr(module, a) for a in ("conv1", "bn1", "conv2", "bn2", "act1"))
-
-
-def _resnet_alias(block_path: str, block: nn.Module, alias: str) -> SiteRef:
-    bottleneck = hasattr(block, "conv3")
-    last_bn = "bn3" if bottleneck else "bn2"
-    table = {
-        "after_conv1": ("act1", "after"),
-        "after_conv2": ("act2" if bottleneck else "bn2", "after"),
-        "residual": (last_bn, "after"),
-        "post_add": ("", "after"),
-    }
-    if bottleneck:
-        table["after_conv3"] = ("bn3", "after")
-    if alias not in table:
-        raise SpecError(f"site alias {alias!r} does not exist in {type(block).__name__} "
-                        f"({block_path}); it has {', '.join(sorted(table))}")
-    child, position = table[alias]
-    return SiteRef(f"{block_path}.{child}" if child else block_path, position)
-
-
-def resolve_sites(model: nn.Module, insertion: Insertion, where: str) -> list[SiteRef]:
+def resolve_sites(model: nn.Module, insertion: Insertion, where: str,
+                  stages: list[Stage] | None = None) -> list[SiteRef]:
     """Every site the insertion selects, in module order. ``where`` names the
     insertion in errors (e.g. 'resnet50_cbam: insert[0]')."""
-    modules = dict(model.named_modules())
+    if stages is None:
+        stages = find_stages(model)
+    if insertion.stages is not None or insertion.blocks is not None:
+        _check_filters(model, insertion, stages, where)
     if isinstance(insertion.at, SiteSelector):
+        modules = dict(model.named_modules())
         matched = [p for p in modules if p and glob_match(insertion.at.path, p)]
         if not matched:
             close = difflib.get_close_matches(insertion.at.path, [p for p in modules if p], n=5,
@@ -126,23 +139,15 @@ def resolve_sites(model: nn.Module, insertion: Insertion, where: str) -> list[Si
             hint = f"; close paths: {', '.join(close)}" if close else ""
             raise SpecError(f"{where}: site path {insertion.at.path!r} matches no module of "
                             f"{type(model).__name__}{hint}")
-        sites = [SiteRef(p, insertion.at.position) for p in matched if _keep(p, insertion)]
+        stated = _stated(insertion.at)
+        sites = [SiteRef(p, insertion.at.position, stated) for p in matched
+                 if _keep(p, insertion, stages)]
         pattern = f"path {insertion.at.path!r}"
     else:
-        alias = insertion.at
-        blocks = [(p, m) for p, m in modules.items()
-                  if re.search(r"(?:^|\.)layer\d+\.\d+$", p) and _is_resnet_block(m)]
-        if not blocks:
-            raise SpecError(
-                f"{where}: site alias {alias!r} needs a resnet-family backbone, and "
-                f"{type(model).__name__} has no resnet blocks; use {{path: <glob>, "
-                "position: after|before|replace} instead"
-            )
-        if alias not in RESNET_ALIASES:
-            raise SpecError(f"{where}: unknown site alias {alias!r}; resnet aliases are "
-                            f"{', '.join(RESNET_ALIASES)}, or give {{path, position}}")
-        sites = [_resnet_alias(p, m, alias) for p, m in blocks if _keep(p, insertion)]
-        pattern = f"alias {alias!r}"
+        found = resolve_alias(model, insertion.at, stages, where)
+        sites = [SiteRef(s.path, s.position) for s in found
+                 if _keep(s.block, insertion, stages)]
+        pattern = f"alias {insertion.at!r}"
     if not sites:
         raise SpecError(f"{where}: {pattern} matches modules, but none in stages="
                         f"{insertion.stages} blocks={insertion.blocks}")

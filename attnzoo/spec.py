@@ -16,9 +16,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveInt,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .errors import SpecError
@@ -36,6 +38,7 @@ _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
 _FORBIDDEN_BACKBONE_ARGS = {
     "pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
     "cache_dir", "scriptable", "exportable", "no_jit",
+    "weights", "weights_backbone",  # torchvision's
 }
 
 
@@ -47,9 +50,11 @@ class _Strict(BaseModel):
 class BackboneSpec(_Strict):
     """The network that blocks are inserted into."""
 
-    source: Literal["timm", "attnzoo"] = Field(
-        "timm", description="Where the backbone comes from: a timm model name, or an "
-        "attnzoo architecture (attnzoo/architectures/)."
+    source: Literal["timm", "attnzoo", "torchvision"] = Field(
+        "timm", description="Where the backbone comes from: a timm model name, an "
+        "attnzoo architecture (attnzoo/architectures/), or a torchvision model name "
+        "(torchvision.models.get_model, always without weights; torchvision must be "
+        "installed)."
     )
     name: str = Field(description="The backbone's registered name, e.g. 'resnet50'.",
                       pattern=_NAME, max_length=128)
@@ -92,6 +97,24 @@ class SiteSelector(_Strict):
     position: Position = Field(
         "after", description="Insert after the module, before it, or replace it."
     )
+    layout: Literal["nchw", "nhwc", "tokens", "vectors"] | None = Field(
+        None, description="Where the site's channels are, for a site where attnzoo cannot "
+        "tell (its error says so): nchw (N, C, H, W), nhwc (N, H, W, C), tokens (B, N, C), "
+        "vectors (N, C). Unset: decided from the module and the probed tensor.")
+    prefix_tokens: int | None = Field(
+        None, ge=0, le=65536, description="With layout tokens: how many leading tokens "
+        "(class, distillation, register tokens) are not on the grid.")
+    grid: tuple[PositiveInt, PositiveInt] | None = Field(
+        None, description="With layout tokens: the (H, W) grid of the tokens after the "
+        "prefix, for a block that takes maps.")
+
+    @model_validator(mode="after")
+    def _token_fields_need_tokens(self) -> SiteSelector:
+        if (self.prefix_tokens is not None or self.grid is not None) and \
+                self.layout != "tokens":
+            raise ValueError("prefix_tokens and grid describe token sites: they need "
+                             "layout: tokens")
+        return self
 
 
 class Insertion(_Strict):
@@ -99,14 +122,18 @@ class Insertion(_Strict):
 
     block: BlockField = Field(description="The block and its config, chosen by its `type`.")
     at: str | SiteSelector = Field(
-        description="A site alias of the backbone family (resnet: after_conv1, after_conv2, "
-        "after_conv3, residual, post_add) or a {path, position} selector."
+        description="A site alias of the block family (resnet: after_conv1, after_conv2, "
+        "after_conv3, residual, post_add; convnext, mobile, regnet, transformer: see "
+        "docs/sites.md or `attnzoo sites MODEL`) or a {path, position} selector."
     )
     stages: list[int] | None = Field(
-        None, description="Keep only sites in these stages (resnet: layer1..layer4 = 1..4)."
+        None, description="Keep only sites in these stages, numbered from 1 in every family "
+        "(resnet: layer1..layer4 = 1..4; convnext, swin: stages.0 / layers.0 = 1; "
+        "efficientnet: blocks.0 = 1; vit: 1). An index the model lacks is an error."
     )
     blocks: list[int] | None = Field(
-        None, description="Keep only sites in these block indices within a stage (0-based)."
+        None, description="Keep only sites in these blocks of their stage, numbered from 0 "
+        "(regnet's b1 = 0). An index no selected stage has is an error."
     )
     zero_init: bool = Field(
         False, description="Start the inserted block as the identity, so a pretrained "

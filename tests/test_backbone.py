@@ -14,20 +14,10 @@ from safetensors.torch import load, save
 
 import attnzoo
 from attnzoo import WeightsError, hub_trust
-
-try:
-    from _helpers.hub_server import go_offline, serve_fake_hub, with_random_bn_statistics
-except ImportError:  # the helpers' old place
-    from hub_server import go_offline, serve_fake_hub, with_random_bn_statistics
+from tests._helpers.hub_server import go_offline
+from tests._helpers.modules import with_random_bn_statistics
 
 HERE = Path(__file__).resolve()
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tmp_path):
-    monkeypatch.setenv(hub_trust.HOME_ENV, str(tmp_path / "attnzoo_home"))
-    monkeypatch.delenv(hub_trust.REQUIRE_PINNED_ENV, raising=False)
-    yield from serve_fake_hub(monkeypatch, tmp_path)
 
 
 def _x(size: int = 64) -> torch.Tensor:

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from tests._helpers.modules import live_batchnorm_
+
 WORLD_SIZE = 2
 STEPS = 2
 
@@ -30,9 +32,7 @@ def _train(rank: int, port: int, out_dir: str) -> None:
     try:
         torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
         model = attnzoo.create_model("resnet18_cbam", num_classes=10)
-        for m in model.modules():  # timm zero-inits the last BNs, which would starve CBAM
-            if isinstance(m, torch.nn.BatchNorm2d):
-                torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+        live_batchnorm_(model)  # timm zero-inits the last BNs, which would starve CBAM
         ddp = torch.nn.parallel.DistributedDataParallel(model)  # find_unused_parameters=False
         optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
         data = torch.Generator().manual_seed(100 + rank)  # a different batch per rank

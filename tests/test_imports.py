@@ -1,4 +1,5 @@
-"""The package's import graph has no cycle: each module imports only modules below it.
+"""The package's import graph has no cycle: each module imports only modules below it;
+and no module unpickles, evaluates or imports code it is given at run time.
 
 Imports inside functions count too: a deferred import that climbs back up the order
 (the registry importing the blocks that register themselves in it) is a cycle that
@@ -8,9 +9,11 @@ only hides until the function runs.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import attnzoo
+from tests._helpers.paths import REPO
 
 ROOT = Path(attnzoo.__file__).parent
 
@@ -109,3 +112,14 @@ def test_the_cycle_finder_finds_a_cycle() -> None:
 def test_no_import_cycle_between_attnzoo_modules() -> None:
     cycle = find_cycle({k: v for k, v in import_graph().items() if k != "attnzoo"})
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_no_unpickling_eval_or_dynamic_import_in_the_package():
+    banned = re.compile(r"torch\.load\(|pickle\.loads?\(|(?<![.\w])(?:eval|exec)\(|"
+                        r"import_module\(|__import__\(|yaml\.load\(|yaml\.unsafe_load|"
+                        r"yaml\.full_load|Loader=yaml\.(?:Full|Unsafe)?Loader\b")
+    root = REPO / "attnzoo"
+    for path in root.rglob("*.py"):
+        hits = banned.findall(path.read_text(encoding="utf-8"))
+        assert not hits, f"{path} uses {hits}"
+

@@ -9,6 +9,9 @@ import torch
 
 import attnzoo
 from attnzoo import SpecError, WeightsError
+from attnzoo.pretrained import load_zoo_weights
+from attnzoo.saved import write_safetensors
+from tests._helpers.digits import digits_input, outputs, write_manifest
 
 MODEL = "digits_cbam_tiny"
 
@@ -70,3 +73,36 @@ def test_revision_is_only_for_hub_sources(source: str, tmp_path: Path) -> None:
         source = str(attnzoo.save_pretrained(attnzoo.create_model(MODEL), tmp_path / "f"))
     with pytest.raises(WeightsError, match=r"revision='v1' is for 'hf-hub:' sources"):
         attnzoo.create_model(source, revision="v1")
+
+
+# --- zoo weights: a failed load changes nothing; another head -------------------------
+
+
+def test_failed_zoo_load_leaves_the_model_untouched(model, weights_folder, tmp_path) -> None:
+    donor = attnzoo.create_model(MODEL)
+    sha = write_safetensors(donor.state_dict(), weights_folder / "w.safetensors")
+    write_manifest(weights_folder, default="x", tags={"x": {"file": "w.safetensors",
+                                                             "sha256": "0" * 64}})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(WeightsError, match=r"w\.safetensors.*failed verification"):
+        load_zoo_weights(model, model.attnzoo_spec, True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # With the right sha256 the same embedded file loads.
+    write_manifest(weights_folder, default="x", tags={"x": {"file": "w.safetensors",
+                                                             "sha256": sha}})
+    load_zoo_weights(model, model.attnzoo_spec, True)
+    assert torch.equal(outputs(model), outputs(donor.eval()))
+
+
+def test_zoo_weights_with_another_num_classes_keep_all_but_the_classifier(
+        model, weights_folder) -> None:
+    sha = write_safetensors(model.state_dict(), weights_folder / "w.safetensors")
+    write_manifest(weights_folder, default="x", tags={"x": {
+        "file": "w.safetensors", "sha256": sha, "num_classes": 10}})
+    with pytest.warns(UserWarning, match="classifier was not loaded"):
+        loaded = attnzoo.create_model(MODEL, pretrained=True, num_classes=4).eval()
+    assert loaded.get_classifier().out_features == 4
+    assert torch.equal(loaded.forward_features(digits_input()),
+                       model.forward_features(digits_input()))
+

@@ -118,7 +118,7 @@ def specs(draw):
     data = {"name": draw(st.sampled_from(["fuzz", "a.b-c_1", "9lives"])), **data}
     replacing = [i for i in data["insert"]
                  if isinstance(i["at"], dict) and i["at"]["position"] == "replace"]
-    if replacing:  # one insertion only: see test_sites_inside_a_replaced_module_...
+    if replacing:  # one insertion only: test_builder.py's test_sites_inside_a_replaced_...
         data["insert"] = replacing[:1]
     for key, value in draw(st.fixed_dictionaries({}, optional={
             "num_classes": st.integers(0, 20), "description": free_text,
@@ -169,28 +169,6 @@ def test_random_specs_build_or_raise_spec_error(data):
         out = model(torch.randn(1, *_input_for(model, spec)))
     assert out.shape[0] == 1
     assert ModelSpec.from_yaml(spec.to_yaml()) == spec
-
-
-# Found by the property test above (builder.py, reported): sites are resolved before
-# anything is inserted, so a replace and another insertion in the same subtree collide.
-REPLACE_COLLISIONS = {
-    "insert inside a module replaced before": [
-        {"block": {"type": "se"}, "at": {"path": "layer1.0", "position": "replace"}},
-        {"block": {"type": "se"}, "at": {"path": "layer1.0.conv1"}}],  # AttributeError
-    "replace a module that holds an insertion": [
-        {"block": {"type": "se"}, "at": {"path": "layer1.0.conv1"}},
-        {"block": {"type": "se"}, "at": {"path": "layer1.0", "position": "replace"}}],
-    "replace one module twice": [
-        {"block": {"type": "se"}, "at": {"path": "layer1.0", "position": "replace"}},
-        {"block": {"type": "eca"}, "at": {"path": "layer1.0", "position": "replace"}}],
-}
-
-
-@pytest.mark.parametrize("insert", list(REPLACE_COLLISIONS.values()),
-                         ids=list(REPLACE_COLLISIONS))
-def test_sites_inside_a_replaced_module_are_spec_errors(insert):
-    with pytest.raises(SpecError, match="replace"):
-        attnzoo.create_model({"name": "x", "backbone": {"name": "resnet10t"}, "insert": insert})
 
 
 # ------------------------------------------------------------------ YAML round trips

@@ -1,6 +1,6 @@
 """attnzoo against its hand-written peers, measured side by side; writes BENCHMARKS.md.
 
-Sections (issue 12):
+Sections (issues 12 and 23):
 
 * ``build``: ``attnzoo.create_model(zoo)`` vs ``timm.create_model(peer)`` for four pairs;
 * ``throughput``: forward (eval, no grad) and forward+backward (train) images/s at
@@ -9,8 +9,13 @@ Sections (issue 12):
   ``create_model("resnet50_se", pretrained=True)`` vs building timm's seresnet50 and
   loading its safetensors file: time, and peak memory in a fresh process each;
 * ``kernels``: ``non_local``, ``criss_cross`` and ``mhsa2d`` against naive references
-  that form the HW x HW attention explicitly, 32x32 to 128x128: time and peak memory
-  (a fresh process per point), as curves over resolution.
+  that form the HW x HW attention explicitly, 32x32 to 128x128: time (both run
+  interleaved in one process), peak memory (a fresh process per figure), GFLOP/s by
+  formula against the machine's matmul throughput (the roofline, a large ``torch.mm``
+  measured before and after), and criss_cross with R = 1 and R = 2 passes (issue 23);
+* ``training``: forward+backward at batch 8, 224x224, of resnet50_se/cbam/nl/cca against
+  the same network in timm's layers (or with the blocks' naive formulas), eager, and
+  each compiled (inductor) against itself eager (issue 23).
 
 Every time is the median of repeated runs after warm-up runs that are not counted;
 the two sides of a comparison run interleaved (A B A B ...) so that drift of the
@@ -404,13 +409,13 @@ NAIVE = {"non_local": naive_non_local, "criss_cross": naive_criss_cross,
          "mhsa2d": naive_mhsa2d}
 
 
-def make_block(name: str, channels: int, size: int) -> nn.Module:
+def make_block(name: str, channels: int, size: int, **cfg: Any) -> nn.Module:
     """The block with non-trivial weights (not the identity it starts as)."""
     import attnzoo
 
     torch.manual_seed(0)
     extra = {"size": (size, size)} if name == "mhsa2d" else {}
-    block = attnzoo.create_block(name, channels, **extra).eval()
+    block = attnzoo.create_block(name, channels, **extra, **cfg).eval()
     with torch.no_grad():
         if name == "non_local":
             block.out_norm.weight.fill_(1.0)
@@ -419,12 +424,50 @@ def make_block(name: str, channels: int, size: int) -> nn.Module:
     return block
 
 
+# FLOPs of one forward pass at batch 1 (2 per multiply-add; matrix products only:
+# softmax, masks, pooling and normalisation are not counted), by formula. C' is the
+# reduced width, HW' = HW/4 the sub-sampled keys, d the head width.
+FLOP_FORMULAS = {
+    "non_local": "2HW(3CC' + C'C) convs + 4HW·HW'·C' attention (C' = C/2, HW' = HW/4), "
+                 "both implementations",
+    "criss_cross": "R x [2HW·C(2C' + C) convs + 2HW(H+W)(C' + C) row/column attention] "
+                   "(C' = C/8, R = 2); naive: R x [same convs + 2HW·HW(C' + C)]",
+    "mhsa2d": "2HW·C·3C qkv + 2HW·C(H+W) relative logits + 4HW·HW·C attention "
+              "(4 heads of d = C/4), both implementations",
+}
+
+
+def kernel_flops(name: str, impl: str, channels: int, size: int, recurrence: int = 2
+                 ) -> int:
+    """FLOPs of a block (``impl`` "attnzoo") or its naive reference at batch 1, by the
+    formula of ``FLOP_FORMULAS``."""
+    c, h, w = channels, size, size
+    hw = h * w
+    if name == "non_local":
+        inner, keys = c // 2, (h // 2) * (w // 2)
+        return 2 * hw * (3 * c * inner + inner * c) + 4 * hw * keys * inner
+    if name == "criss_cross":
+        inner = c // 8
+        convs = 2 * hw * c * (2 * inner + c)
+        attention = (2 * hw * (h + w) * (inner + c) if impl == "attnzoo"
+                     else 2 * hw * hw * (inner + c))
+        return recurrence * (convs + attention)
+    if name == "mhsa2d":
+        return 2 * hw * c * 3 * c + 2 * hw * c * (h + w) + 4 * hw * hw * c
+    raise ValueError(name)
+
+
+def _kernel_fn(name: str, impl: str, block: nn.Module) -> Callable[[torch.Tensor], Any]:
+    return block if impl == "attnzoo" else (lambda t: NAIVE[name](block, t))
+
+
 def _kernel_child(args: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one implementation (fresh process), and its time."""
     torch.manual_seed(0)
     size, channels = args["size"], args["channels"]
-    block = make_block(args["block"], channels, size)
+    block = make_block(args["block"], channels, size, **args.get("cfg", {}))
     x = torch.randn(1, channels, size, size)
-    fn = block if args["impl"] == "attnzoo" else lambda t: NAIVE[args["block"]](block, t)
+    fn = _kernel_fn(args["block"], args["impl"], block)
     with torch.no_grad():
         if args.get("warmup", True):
             fn(x)  # warm-up, not counted
@@ -435,16 +478,70 @@ def _kernel_child(args: dict[str, Any]) -> dict[str, Any]:
             start = time.perf_counter()
             fn(x)
             times.append(time.perf_counter() - start)
-    return {"seconds": median(times), "peak_bytes": mem.peak,
-            "anon_peak_bytes": mem.anon_peak, "reset": mem.reset}
+    out = {"peak_bytes": mem.peak, "anon_peak_bytes": mem.anon_peak, "reset": mem.reset}
+    return {"seconds": median(times), **out} if times else out
+
+
+def _kernel_time_child(args: dict[str, Any]) -> dict[str, Any]:
+    """Median time of several implementations (``impls``: name -> (block, impl, cfg)),
+    run interleaved in one process after one uncounted warm-up round; rounds stop once
+    ``budget_s`` has passed (at least ``min_rounds``, at most ``repeats``)."""
+    torch.manual_seed(0)
+    size, channels = args["size"], args["channels"]
+    x = torch.randn(1, channels, size, size)
+    fns = {}
+    for key, (name, impl, cfg) in args["impls"].items():
+        fns[key] = _kernel_fn(name, impl, make_block(name, channels, size, **cfg))
+    if args.get("matmul"):  # the roofline, measured in the same rounds
+        n = args["matmul"]
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        fns["matmul"] = lambda _x: torch.mm(a, b)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for fn in fns.values():
+            fn(x)
+        begin = time.perf_counter()
+        for i in range(args["repeats"]):
+            for key, fn in fns.items():
+                start = time.perf_counter()
+                fn(x)
+                times[key].append(time.perf_counter() - start)
+            if i + 1 >= args.get("min_rounds", 1) and (
+                    time.perf_counter() - begin > args.get("budget_s", float("inf"))):
+                break
+    out = {k: {"seconds": median(v), "runs": len(v)} for k, v in times.items()}
+    if "matmul" in out:
+        out["matmul"]["gflops"] = 2 * args["matmul"] ** 3 / out["matmul"]["seconds"] / 1e9
+    return out
+
+
+def _matmul_child(args: dict[str, Any]) -> dict[str, Any]:
+    """GFLOP/s of a large float32 ``torch.mm`` (n x n), median of ``repeats`` runs."""
+    n = args["n"]
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    times = []
+    for _ in range(args["repeats"]):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        times.append(time.perf_counter() - start)
+    return {"n": n, "gflops": 2 * n ** 3 / median(times) / 1e9,
+            "best_gflops": 2 * n ** 3 / min(times) / 1e9, "threads": torch.get_num_threads()}
+
+
+def bench_matmul(repeats: int, n: int = 3072) -> dict[str, Any]:
+    """The machine's matrix-product throughput (the roofline of the kernel table)."""
+    out = _run_child({"section": "matmul", "n": n, "repeats": repeats})
+    print(f"matmul {out}", file=sys.stderr, flush=True)
+    return out
 
 
 def estimated_bytes(name: str, impl: str, size: int) -> int:
     """Rough peak of a run: the HW x HW float32 matrices it holds at once (attnzoo's
-    mhsa2d forms its (heads, HW, HW) position logits too; the others form none)."""
+    blocks form none: mhsa2d's position logits are formed 32 MiB at a time)."""
     hw = size * size
     if impl == "attnzoo":
-        return 2 * 4 * hw * hw * 4 if name == "mhsa2d" else 0
+        return 0
     if name == "mhsa2d":
         return 4 * 4 * hw * hw * 4  # logits, position logits, their sum, softmax: 4 heads
     if name == "non_local":
@@ -452,27 +549,138 @@ def estimated_bytes(name: str, impl: str, size: int) -> int:
     return 3 * hw * hw * 4
 
 
-def bench_kernels(sizes: list[int], repeats: int, max_bytes: int) -> list[dict[str, Any]]:
-    """Time and peak memory of each attention block and its naive reference per size;
-    runs estimated to need more than ``max_bytes`` are skipped (a shared machine)."""
+def bench_kernels(sizes: list[int], repeats: int, max_bytes: int, budget_s: float = 60.0
+                  ) -> list[dict[str, Any]]:
+    """Time and peak memory of each attention block and its naive reference per size:
+    peak memory in a fresh process per figure, time with both run interleaved in one
+    process. Runs estimated to need more than ``max_bytes`` are skipped (a shared
+    machine)."""
     rows = []
     for name, channels in KERNEL_CHANNELS.items():
         for size in sizes:
             row: dict[str, Any] = {"block": name, "channels": channels, "size": size}
+            timed = {}
             for impl in ("attnzoo", "naive"):
                 if estimated_bytes(name, impl, size) > max_bytes:
                     need = estimated_bytes(name, impl, size) / 2 ** 30
                     row[impl] = {"skipped": f"skipped (needs ~{need:.0f} GiB)"}
                     continue
-                # Large maps take tens of seconds a run on 2 CPU cores: the memory run
-                # is their warm-up, and one timed run follows.
-                big = size >= 96
+                # The memory run is a large map's warm-up (tens of seconds a run).
                 row[impl] = _run_child({"section": "kernels", "block": name, "size": size,
-                                        "channels": channels, "impl": impl,
-                                        "repeats": 1 if big else repeats,
-                                        "warmup": not big})
+                                        "channels": channels, "impl": impl, "repeats": 0,
+                                        "warmup": size < 96})
+                row[impl].pop("seconds", None)
+                row[impl]["flops"] = kernel_flops(name, impl, channels, size)
+                timed[impl] = (name, impl, {})
+            if timed:
+                got = _run_child({"section": "kernel_time", "size": size,
+                                  "channels": channels, "impls": timed, "repeats": repeats,
+                                  "min_rounds": 2, "budget_s": budget_s, "matmul": 2048})
+                for impl in timed:
+                    row[impl].update(got.get(impl, {"error": got.get("error", "?")}))
+                if "gflops" in got.get("matmul", {}):
+                    row["matmul_gflops"] = got["matmul"]["gflops"]
             rows.append(row)
             print(f"kernel {name} {size}: {row}", file=sys.stderr, flush=True)
+    return rows
+
+
+def bench_recurrence(size: int, repeats: int, channels: int = 512) -> dict[str, Any]:
+    """criss_cross with R = 1 and R = 2 passes at ``size``, interleaved: time and FLOPs."""
+    impls = {f"R={r}": ("criss_cross", "attnzoo", {"recurrence": r}) for r in (1, 2)}
+    got = _run_child({"section": "kernel_time", "size": size, "channels": channels,
+                      "impls": impls, "repeats": repeats, "min_rounds": 3, "matmul": 2048})
+    for r in (1, 2):
+        if f"R={r}" in got:
+            got[f"R={r}"]["flops"] = kernel_flops("criss_cross", "attnzoo", channels, size, r)
+    print(f"recurrence {got}", file=sys.stderr, flush=True)
+    return {"size": size, "channels": channels, **got}
+
+
+# --------------------------------------------------------------- training (issue 23)
+
+# (zoo model, peer kind, timm name, timm kwargs): the peer is the same network written
+# with timm's layers, or (no timm layer) the zoo model with each block computed by the
+# naive formula of NAIVE, same weights.
+TRAINING_PAIRS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("resnet50_se", "timm", "seresnet50", {}),
+    ("resnet50_cbam", "timm", "resnet50", {"block_args": {"attn_layer": "cbam"}}),
+    ("resnet50_nl", "naive", "non_local", {}),
+    ("resnet50_cca", "naive", "criss_cross", {}),
+]
+
+
+class NaiveBlock(nn.Module):
+    """A zoo block computed by its naive formula (``NAIVE``), with the block's weights."""
+
+    def __init__(self, block: nn.Module, name: str) -> None:
+        super().__init__()
+        self.block = block
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return NAIVE[self.name](self.block, x)
+
+
+def naive_peer(model: nn.Module, name: str) -> nn.Module:
+    """A copy of a zoo model whose ``name`` blocks run their naive formula."""
+    import copy
+
+    peer = copy.deepcopy(model)
+    for inserted in model.attnzoo_blocks:
+        if inserted.block_type != name:
+            continue
+        parent_path, _, leaf = inserted.name.rpartition(".")
+        parent = peer.get_submodule(parent_path)
+        parent._modules[leaf] = NaiveBlock(parent._modules[leaf], name)
+    return peer
+
+
+def _training_models(zoo: str, kind: str, peer: str, kwargs: dict[str, Any]
+                     ) -> tuple[nn.Module, nn.Module, str]:
+    torch.manual_seed(0)
+    model = _zoo(zoo)
+    if kind == "timm":
+        return model, timm_peer(peer, kwargs), _peer_name(peer, kwargs)
+    with torch.no_grad():  # leave the identity start, so the attention path runs
+        for inserted in model.attnzoo_blocks:
+            block = model.get_submodule(inserted.name)
+            for p in block.parameters():
+                if p.dim() <= 1:
+                    p.normal_(0.5, 0.1)
+    return model, naive_peer(model, peer), f"{zoo} with naive {peer} (same weights)"
+
+
+def bench_training(batch: int, size: int, repeats: int, compile_too: bool
+                   ) -> list[dict[str, Any]]:
+    """Forward+backward images/s at ``batch``, ``size``: each zoo model against its peer
+    (eager, interleaved), and with ``compile_too`` the zoo model compiled (inductor)
+    against itself eager."""
+    rows = []
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    for zoo, kind, peer, kwargs in TRAINING_PAIRS:
+        model, other, label = _training_models(zoo, kind, peer, kwargs)
+        model.train()
+        other.train()
+        fns = {"attnzoo": _step(model, x, True), "peer": _step(other, x, True)}
+        t = interleaved(fns, repeats)
+        row = {"zoo": zoo, "peer": label, "batch": batch, "attnzoo_ips": batch / t["attnzoo"],
+               "peer_ips": batch / t["peer"], "ratio": t["attnzoo"] / t["peer"]}
+        print(f"training {zoo}: {row['ratio']:.3f}", file=sys.stderr, flush=True)
+        if compile_too:
+            compiled = torch.compile(model)
+            fns = {"compiled": _step(compiled, x, True), "eager": _step(model, x, True)}
+            try:
+                t = interleaved(fns, repeats, warmup=2)
+                row.update({"compiled_ips": batch / t["compiled"],
+                            "eager_ips": batch / t["eager"],
+                            "compile_ratio": t["compiled"] / t["eager"]})
+            except Exception as exc:  # noqa: BLE001 - reported, not fatal
+                row["compile_error"] = str(exc).splitlines()[0][:160]
+            torch._dynamo.reset()
+            print(f"training {zoo} compiled: {row.get('compile_ratio')}", file=sys.stderr,
+                  flush=True)
+        rows.append(row)
     return rows
 
 
@@ -514,7 +722,7 @@ def render(results: dict[str, Any]) -> str:
     out = ["# Benchmarks", "",
            "Generated by `python tools/bench.py` "
            f"({'quick settings' if results['settings']['quick'] else 'full settings'}); "
-           "figures as measured, goals from issue 12.", "",
+           "figures as measured, goals from issues 12 and 23.", "",
            f"- machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), "
            f"{m['device']}", f"- torch {m['torch']}, timm {m['timm']}, Python {m['python']}, "
            f"{m['os']}", f"- date: {m['date']}; load average at the end: {m['load_average']}",
@@ -579,30 +787,116 @@ def render(results: dict[str, Any]) -> str:
                        f"{peak_s} | {anon_s} | {ratio} |")
         out.append("")
     if "kernels" in results:
-        out += ["## Attention kernels vs naive references (batch 1, forward, no grad)", "",
-                "Naive references form the HW x HW attention explicitly "
-                "(`tools/bench.py`: `naive_non_local`, `naive_criss_cross` = full attention "
-                "masked to the row and column, `naive_mhsa2d`). Speed-up = naive time / "
-                "attnzoo time. Goals at 128x128, C=512: non_local >= 2x, criss_cross >= 10x.",
-                ""]
-        for name in KERNEL_CHANNELS:
-            rows = [r for r in results["kernels"] if r["block"] == name]
-            if not rows:
-                continue
-            out += [f"### {name} (C={rows[0]['channels']})", "",
-                    "| size | attnzoo time | naive time | speed-up | attnzoo peak | naive peak |",
-                    "| --- | ---: | ---: | ---: | ---: | ---: |"]
-            for r in rows:
-                a, n = r["attnzoo"], r["naive"]
-                speed = (f"{n['seconds'] / a['seconds']:.1f}x"
-                         if "seconds" in a and "seconds" in n else "-")
-                out.append(
-                    f"| {r['size']}x{r['size']} | {_fmt_time(a)} | {_fmt_time(n)} | {speed} | "
-                    f"{_fmt_mem(a)} | {_fmt_mem(n)} |")
-            out.append("")
+        out += _render_kernels(results)
+    if "training" in results:
+        out += _render_training(results["training"])
     if results.get("notes"):
         out += ["## Goals missed, and why", ""] + [f"- {n}" for n in results["notes"]] + [""]
     return "\n".join(out)
+
+
+def _roofline(results: dict[str, Any]) -> float | None:
+    """The machine's matmul GFLOP/s for this run: the larger of the measurements before
+    and after the kernels (the machine's ability, not a busy moment's)."""
+    values = [m.get("gflops") for m in results.get("matmul", []) if m.get("gflops")]
+    return max(values) if values else None
+
+
+def _rate(r: dict[str, Any], peak: float | None) -> tuple[str, str]:
+    if "seconds" not in r or "flops" not in r:
+        return "-", "-"
+    rate = r["flops"] / r["seconds"] / 1e9
+    return f"{rate:,.0f}", (f"{rate / peak:.0%}" if peak else "-")
+
+
+def _render_kernels(results: dict[str, Any]) -> list[str]:
+    peak = _roofline(results)
+    out = ["## Attention kernels vs naive references (batch 1, forward, no grad)", "",
+           "Naive references form the HW x HW attention explicitly "
+           "(`tools/bench.py`: `naive_non_local`, `naive_criss_cross` = full attention "
+           "masked to the row and column, `naive_mhsa2d`). Speed-up = naive time / "
+           "attnzoo time, the two run interleaved in one process; peak memory in a fresh "
+           "process per figure. GFLOP/s = the implementation's own FLOPs (by the formulas "
+           "below) / its time; roofline = that as a share of the machine's matmul "
+           "throughput: a 2048x2048 float32 `torch.mm` timed in the same interleaved rounds "
+           "as the row's two implementations (so a busy moment slows all three), or, where "
+           "a row has none, the run's matmul measurement below.", ""]
+    for m in results.get("matmul", []):
+        if "gflops" in m:
+            out.append(f"- matmul roofline ({m.get('when', '?')}): {m['n']}x{m['n']} float32 "
+                       f"`torch.mm`, {m['threads']} threads: {m['gflops']:,.0f} GFLOP/s "
+                       f"(median; best {m['best_gflops']:,.0f})")
+    if peak:
+        out.append(f"- roofline used below: {peak:,.0f} GFLOP/s (the larger median)")
+    out += ["", "Goals at C=512 (issue 23): non_local at least as fast as the naive "
+            "reference at every size, >= 70% of the roofline at 128x128, peak memory <= "
+            "50% of the reference's; criss_cross >= 20x faster than masked full attention "
+            "at 128x128, memory growing as HW(H+W), R = 2 costing <= 2x one pass; mhsa2d "
+            "peak memory at 96x96 <= 60% of the reference's, 128x128 under 6 GiB.", ""]
+    for name in KERNEL_CHANNELS:
+        rows = [r for r in results["kernels"] if r["block"] == name]
+        if not rows:
+            continue
+        out += [f"### {name} (C={rows[0]['channels']})", "",
+                f"FLOPs: {FLOP_FORMULAS.get(name, '?')}.", "",
+                "| size | attnzoo time | naive time | speed-up | attnzoo GFLOP/s (roofline) "
+                "| naive GFLOP/s (roofline) | attnzoo peak | naive peak | peak ratio |",
+                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for r in rows:
+            a, n = r["attnzoo"], r["naive"]
+            speed = (f"{n['seconds'] / a['seconds']:.1f}x"
+                     if "seconds" in a and "seconds" in n else "-")
+            row_peak = r.get("matmul_gflops", peak)
+            (ar, af), (nr, nf) = _rate(a, row_peak), _rate(n, row_peak)
+            ratio = (f"{_peak(a) / _peak(n):.2f}" if _peak(a) is not None and _peak(n) else "-")
+            out.append(
+                f"| {r['size']}x{r['size']} | {_fmt_time(a)} | {_fmt_time(n)} | {speed} | "
+                f"{ar} ({af}) | {nr} ({nf}) | {_fmt_mem(a)} | {_fmt_mem(n)} | {ratio} |")
+        out.append("")
+    rec = results.get("recurrence")
+    if rec and "R=1" in rec and "R=2" in rec and "seconds" in rec["R=1"]:
+        r1, r2 = rec["R=1"], rec["R=2"]
+        out += [f"### criss_cross recurrence at {rec['size']}x{rec['size']} (C={rec['channels']})",
+                "", "| passes | time | FLOPs | time / one pass | FLOPs / one pass | "
+                "GFLOP/s (roofline) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        rec_peak = rec.get("matmul", {}).get("gflops", peak)
+        for key, r in (("R=1", r1), ("R=2", r2)):
+            rate, frac = _rate(r, rec_peak)
+            out.append(f"| {key} | {_ms(r['seconds'])} | {r['flops'] / 1e9:.1f} G | "
+                       f"{r['seconds'] / r1['seconds']:.2f}x | {r['flops'] / r1['flops']:.2f}x | "
+                       f"{rate} ({frac}) |")
+        out.append("")
+    return out
+
+
+def _render_training(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["## Training: forward+backward at 224x224 (eager, and torch.compile)", "",
+           "Images/s; ratio = attnzoo time / peer time (goal <= 1.03). The peer is the same "
+           "network written with timm's layers, or, where timm has no such layer, the zoo "
+           "model with each block computed by its naive formula (same weights). Compiled: "
+           "inductor against the same model eager (goal: compiled time / eager time <= "
+           "1.00).", "",
+           "| attnzoo | peer | batch | attnzoo img/s | peer img/s | ratio | goal | "
+           "compiled img/s | eager img/s | compiled / eager | goal |",
+           "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        goal = "met" if r["ratio"] <= 1.03 else "missed"
+        if "compile_ratio" in r:
+            comp = (f"{r['compiled_ips']:.2f} | {r['eager_ips']:.2f} | "
+                    f"{r['compile_ratio']:.3f} | "
+                    f"{'met' if r['compile_ratio'] <= 1.0 else 'missed'}")
+        else:
+            comp = f"- | - | - | {r.get('compile_error', 'not run')}"
+        out.append(f"| {r['zoo']} | {r['peer']} | {r['batch']} | {r['attnzoo_ips']:.2f} | "
+                   f"{r['peer_ips']:.2f} | {r['ratio']:.3f} | {goal} | {comp} |")
+    out.append("")
+    return out
+
+
+def _peak(r: dict[str, Any]) -> int | None:
+    if "peak_bytes" not in r:
+        return None
+    return max(r["peak_bytes"], r.get("anon_peak_bytes", 0))
 
 
 def _fmt_time(r: dict[str, Any]) -> str:
@@ -629,7 +923,11 @@ def run(sections: list[str], quick: bool, compile_all: bool = False) -> dict[str
         else ["resnet50_se"],
         "compile_train": compile_all,
         "load_repeats": 3 if quick else 5,
-        "kernel_sizes": [32, 64, 96, 128], "kernel_repeats": 2 if quick else 3,
+        "kernel_sizes": [32, 64, 96, 128], "kernel_repeats": 3 if quick else 5,
+        "matmul_repeats": 5 if quick else 9,
+        "training_batch": 8, "training_repeats": 3 if quick else 5,
+        # inductor compiles each model for forward+backward in minutes on 2 cores
+        "training_compile": not quick or compile_all,
         "max_gib": 6,
     }
     results: dict[str, Any] = {"settings": settings}
@@ -638,8 +936,15 @@ def run(sections: list[str], quick: bool, compile_all: bool = False) -> dict[str
     if "load" in sections:
         results["load"] = bench_load(settings["load_repeats"])
     if "kernels" in sections:
+        results["matmul"] = [{**bench_matmul(settings["matmul_repeats"]), "when": "before"}]
         results["kernels"] = bench_kernels(settings["kernel_sizes"], settings["kernel_repeats"],
                                            settings["max_gib"] << 30)
+        results["recurrence"] = bench_recurrence(128, settings["kernel_repeats"] + 2)
+        results["matmul"].append({**bench_matmul(settings["matmul_repeats"]), "when": "after"})
+    if "training" in sections:
+        results["training"] = bench_training(settings["training_batch"], settings["size"],
+                                             settings["training_repeats"],
+                                             settings["training_compile"])
     if "throughput" in sections:
         results["throughput"] = bench_throughput(
             settings["batches"], settings["size"], settings["throughput_repeats"],
@@ -651,8 +956,8 @@ def run(sections: list[str], quick: bool, compile_all: bool = False) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", nargs="+", default=["build", "load", "kernels",
-                                                          "throughput"],
-                        choices=["build", "load", "kernels", "throughput"])
+                                                          "throughput", "training"],
+                        choices=["build", "load", "kernels", "throughput", "training"])
     parser.add_argument("--quick", action="store_true",
                         help="fewer repeats, no torch.compile")
     parser.add_argument("--compile-all", action="store_true",
@@ -667,7 +972,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         child = json.loads(args.child)
-        section = {"load": _load_child, "kernels": _kernel_child}[child["section"]]
+        section = {"load": _load_child, "kernels": _kernel_child,
+                   "kernel_time": _kernel_time_child, "matmul": _matmul_child,
+                   }[child["section"]]
         print(json.dumps(section(child)))
         return 0
     if args.from_json:

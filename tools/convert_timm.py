@@ -13,7 +13,6 @@ refused without being opened.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,24 +36,16 @@ def convert(zoo_name: str, checkpoint: str | Path, out_dir: str | Path, *,
             source_repo: str | None = None, source_revision: str | None = None,
             license: str | None = None, metrics: dict[str, float] | None = None) -> Path:
     """timm checkpoint (safetensors) -> attnzoo folder for zoo model ``zoo_name``."""
-    from safetensors.torch import load_file
-
     import attnzoo
     from attnzoo.convert import TIMM_EQUIVALENTS, from_timm
-    from attnzoo.errors import WeightsError
     from attnzoo.loading import classifier_names, load_checked
-    from attnzoo.safe_weights import refuse_pickle, sha256_file
+    from attnzoo.safe_weights import read_verified, sha256_file
 
     checkpoint = Path(checkpoint)
     where = f"convert_timm {zoo_name} ({checkpoint.name})"
-    refuse_pickle(checkpoint, where)
+    # attnzoo's reader: pickles refused, a regular file only, the header checked first
+    state = from_timm(zoo_name, read_verified(checkpoint, None, where, require_hash=False))
     sha = sha256_file(checkpoint)
-    try:
-        state = from_timm(zoo_name, load_file(str(checkpoint)))
-    except WeightsError:
-        raise
-    except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"{where}: not a valid safetensors file: {exc}") from None
     model = attnzoo.create_model(zoo_name)
     heads = classifier_names(model)
     head_weight = state.get(f"{heads[0]}.weight") if heads else None
@@ -96,16 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from attnzoo.errors import AttnZooError
-    from attnzoo.hub import hub_download
+    from attnzoo.hub import commit_of, hub_download
 
     try:
         revision = args.revision
         checkpoint = args.checkpoint
         if args.repo:
-            checkpoint = hub_download(args.repo, args.file, args.revision, "convert_timm")
+            checkpoint = hub_download(args.repo, args.file, args.revision, "convert_timm",
+                                      check_bytes=True)
             # The cache path names the commit the revision resolved to.
-            commit = checkpoint.parent.name
-            revision = commit if re.fullmatch(r"[0-9a-f]{40}", commit) else revision
+            revision = commit_of(checkpoint) or revision
         out = convert(args.model, checkpoint, args.out, source_repo=args.repo,
                       source_revision=revision, license=args.license,
                       metrics=dict(args.metric) or None)

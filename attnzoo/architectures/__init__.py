@@ -3,4 +3,15 @@
 
 from __future__ import annotations
 
-from . import bisenet, danet, pan, ras, resattnet, stdc, tiny  # noqa: F401  (registration)
+from . import (  # noqa: F401  (registration)
+    bisenet,
+    ccnet,
+    danet,
+    dnlnet,
+    pan,
+    ras,
+    resattnet,
+    resnet_variants,
+    stdc,
+    tiny,
+)

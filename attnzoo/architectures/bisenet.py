@@ -19,6 +19,7 @@ from pydantic import Field, field_validator
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from ..attention_maps import record
 from ..blocks._layers import ConvBNReLU, check_odd, reduced_channels, resize
 from ..blocks.base import BlockConfig, Site
 from ..errors import SpecError
@@ -37,7 +38,9 @@ class AttentionRefinement(nn.Module):
         self.bn = nn.BatchNorm2d(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.bn(self.conv(x.mean((2, 3), keepdim=True))))
+        w = torch.sigmoid(self.bn(self.conv(x.mean((2, 3), keepdim=True))))
+        record(self, "", w, kind="channel")
+        return x * w
 
 
 @register_block
@@ -74,6 +77,7 @@ class FeatureFusion(nn.Module):
     def forward(self, *features: torch.Tensor) -> torch.Tensor:
         x = self.proj(torch.cat(features, dim=1))
         w = torch.sigmoid(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+        record(self, "", w, kind="channel")
         return x + x * w
 
 
@@ -143,6 +147,12 @@ class ContextRefinement(nn.Module):
     def forward(self, c16: torch.Tensor, c32: torch.Tensor, out_size: Any
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(refined 1/32 context at 1/16, refined 1/16 context at ``out_size``)."""
+        if self.training and c32.shape[0] == 1:  # torch's own error names no module
+            raise ValueError(
+                "context_head.global_context: its BatchNorm follows global average pooling, "
+                "so in training it needs a batch of more than 1 (one pooled value per "
+                "channel has no batch statistics: torch's 'Expected more than 1 value per "
+                "channel'); train with batch size >= 2, or call model.eval() for inference")
         tail = self.global_context(c32.mean((2, 3), keepdim=True))
         f32 = self.refine32(resize(self.arm32(self.reduce32(c32)) + tail, c16.shape[-2:],
                                    self.mode, self.align_corners))

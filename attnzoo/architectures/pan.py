@@ -27,6 +27,7 @@ from pydantic import Field
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from ..attention_maps import record
 from ..blocks._layers import ConvBNReLU, resize
 from ..blocks.base import BlockConfig, Site
 from ..errors import SpecError
@@ -83,6 +84,7 @@ class FeaturePyramidAttention(nn.Module):
         for level in reversed(levels[:-1]):
             attention = level + resize(attention, level.shape[-2:])
         attention = resize(attention, x.shape[-2:])
+        record(self, "", attention)
         context = self.global_branch(x.mean((2, 3), keepdim=True))
         return self.master(x) * attention + context
 
@@ -128,6 +130,7 @@ class GlobalAttentionUpsample(nn.Module):
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         weights = self.gate(high.mean((2, 3), keepdim=True))
+        record(self, "", weights, kind="channel")
         return self.low(low) * weights + resize(high, low.shape[-2:])
 
 

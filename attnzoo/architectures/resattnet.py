@@ -26,6 +26,7 @@ from pydantic import Field
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
+from ..attention_maps import record
 from ..blocks._layers import ConvBNReLU, resize
 from ..blocks.base import BlockConfig, Site
 from ..errors import SpecError
@@ -130,7 +131,9 @@ class ResidualAttentionModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pre(x)
         trunk = self.trunk(x)
-        return self.post((1 + self.mask(x)) * trunk)
+        mask = self.mask(x)
+        record(self, "", mask)
+        return self.post((1 + mask) * trunk)
 
 
 def _halved(size: int, stride: int = 2) -> int:

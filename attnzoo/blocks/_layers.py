@@ -56,17 +56,19 @@ class ConvBNReLU(nn.Sequential):
 
 
 class ConvBnAct(nn.Module):
-    """KxK conv (no bias, 'same' padding for its dilation) -> BN -> ReLU, with named
-    children ``conv``, ``bn``, ``act``."""
+    """KxK conv ('same' padding for its dilation; no bias unless ``bias``) -> BN ->
+    activation (ReLU unless ``act`` gives another module), with named children
+    ``conv``, ``bn``, ``act``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
-                 stride: int = 1, dilation: int = 1, groups: int = 1) -> None:
+                 stride: int = 1, dilation: int = 1, groups: int = 1, bias: bool = False,
+                 act: nn.Module | None = None) -> None:
         super().__init__()
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride,
                               padding=dilation * (kernel_size - 1) // 2, dilation=dilation,
-                              groups=groups, bias=False)
+                              groups=groups, bias=bias)
         self.bn = nn.BatchNorm2d(out_channels)
-        self.act = nn.ReLU(inplace=True)
+        self.act = act if act is not None else nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))

@@ -55,6 +55,14 @@ class BlockConfig(BaseModel):
         """The registry name, read from the ``type: Literal[...]`` annotation."""
         return get_args(cls.model_fields["type"].annotation)[0]
 
+    def input_layouts(self) -> tuple[str, ...]:
+        """Where the configured module takes its channels: "nchw" (N, C, H, W) maps,
+        "nhwc" (N, H, W, C) maps, "tokens" (B, N, C). By default from ``input_ranks``;
+        a block whose layout depends on a field (outlook's ``channels_last``) overrides
+        it. At a site of another layout the builder converts the block's input and
+        output (``attnzoo.layouts``)."""
+        return tuple({4: "nchw", 3: "tokens"}[r] for r in self.input_ranks if r in (3, 4))
+
     def module_kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if k != "type"}
 

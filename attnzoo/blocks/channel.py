@@ -9,6 +9,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from ..attention_maps import record
 from ..registry import register_block
 from ._layers import ConvBnAct, check_odd, reduced_channels
 from .base import BlockConfig, Site
@@ -30,8 +31,9 @@ class SqueezeExcite(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True))))
-        return x * torch.sigmoid(w)
+        w = torch.sigmoid(self.fc2(self.act(self.fc1(x.mean((2, 3), keepdim=True)))))
+        record(self, "", w, kind="channel")
+        return x * w
 
 
 @register_block
@@ -66,8 +68,9 @@ class EfficientChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = x.mean((2, 3)).unsqueeze(1)                      # (N, 1, C)
-        y = self.conv(y).transpose(1, 2).unsqueeze(-1)       # (N, C, 1, 1)
-        return x * torch.sigmoid(y)
+        y = torch.sigmoid(self.conv(y).transpose(1, 2).unsqueeze(-1))  # (N, C, 1, 1)
+        record(self, "", y, kind="channel")
+        return x * y
 
 
 @register_block
@@ -151,7 +154,9 @@ class SelectiveKernel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = self.branch_outputs(x)
-        return (u * self.branch_weights(u)).sum(1)
+        weights = self.branch_weights(u)
+        record(self, "", weights, kind="other")
+        return (u * weights).sum(1)
 
 
 @register_block
@@ -227,7 +232,9 @@ class GatedChannelTransform(nn.Module):
         else:
             s = x.abs().sum((2, 3), keepdim=True) * self.alpha
             s_hat = s / (s.abs().mean(1, keepdim=True) + self.epsilon)
-        return x * (1 + torch.tanh(self.gamma * s_hat + self.beta))
+        gate = 1 + torch.tanh(self.gamma * s_hat + self.beta)
+        record(self, "", gate, kind="channel")
+        return x * gate
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, epsilon={self.epsilon}"
@@ -281,8 +288,9 @@ class GlobalSecondOrderPooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.reduce_act(self.reduce_bn(self.reduce(self.pre_act(x))))
         cov = self.row_bn(self.covariance(z).unsqueeze(-1))  # (N, d, d, 1): a row per channel
-        w = self.fc(self.row_act(self.row_conv(cov)))        # (N, C, 1, 1)
-        return x * torch.sigmoid(w)
+        w = torch.sigmoid(self.fc(self.row_act(self.row_conv(cov))))   # (N, C, 1, 1)
+        record(self, "", w, kind="channel")
+        return x * w
 
 
 @register_block
@@ -398,7 +406,9 @@ class MultiSpectralChannelAttention(nn.Module):
         return (x * self.dct_filters).sum((2, 3), keepdim=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(self.fc2(self.act(self.fc1(self.pool(x)))))
+        w = torch.sigmoid(self.fc2(self.act(self.fc1(self.pool(x)))))
+        record(self, "", w, kind="channel")
+        return x * w
 
     def extra_repr(self) -> str:
         return f"dct_size={self.dct_size}, frequencies={self.frequencies!r}"

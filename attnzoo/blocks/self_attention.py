@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ..attention_maps import dot_product_affinity, record
 from ..registry import register_block
+from ._kernels import conv1x1_tokens, relative_position_attention
 from ._layers import resize
 from .base import BlockConfig, Site
 
@@ -21,48 +23,83 @@ from .base import BlockConfig, Site
 
 
 class PolarizedSelfAttention(nn.Module):
-    """Polarized self-attention (2107.00782), eq. 1-5.
+    """Polarized self-attention (2107.00782).
 
-    Channel-only branch: Wq (C->1) softmax over HW pools Wv (C->C/2) into one
-    C/2 vector; Wz (1x1 back to C), LayerNorm, sigmoid -> a weight per channel.
-    Spatial-only branch: Wq (C->C/2), global pooling, softmax over channels,
+    ``variant="paper"`` (eq. 1-5): channel-only branch: Wq (C->1) softmax over HW pools
+    Wv (C->C/2) into one C/2 vector; Wz (1x1 back to C), LayerNorm, sigmoid -> a weight
+    per channel. Spatial-only branch: Wq (C->C/2), global pooling, softmax over channels,
     times Wv (C->C/2) at each position, sigmoid -> a weight per position.
+
+    ``variant="released"`` is the authors' code (DeLightCMU/PSA, ``network/PSA.py``),
+    which differs from the equations: in the parallel layout (``PSA_p``) Wz has no
+    LayerNorm after it, and the spatial logits get a softmax over the HW positions
+    before the sigmoid (the pooled query none); in the sequential layout (``PSA_s``) Wz
+    is a bottleneck C/2 -> C/8 (conv with bias, LayerNorm, ReLU) -> C (conv with bias),
+    and the spatial branch takes the softmax of Wv over the positions (per channel)
+    before pooling it with the (un-softmaxed) pooled query. Its query/value convs start
+    from Kaiming normal (fan-in), as the release initialises them.
+
     ``parallel``: ``A_ch(x)*x + A_sp(x)*x``; ``sequential``: ``A_sp(y)*y`` with
-    ``y = A_ch(x)*x``. 1x1 convs have no bias, as in the authors' code.
+    ``y = A_ch(x)*x``. The 1x1 query/value convs have no bias, as in the authors' code.
     """
 
-    def __init__(self, channels: int, layout: str = "parallel") -> None:
+    def __init__(self, channels: int, layout: str = "parallel", variant: str = "paper"
+                 ) -> None:
         super().__init__()
         if layout not in ("parallel", "sequential"):
             raise ValueError(f"layout must be 'parallel' or 'sequential', got {layout!r}")
+        if variant not in ("paper", "released"):
+            raise ValueError(f"variant must be 'paper' or 'released', got {variant!r}")
         half = max(1, channels // 2)
         self.layout = layout
+        self.variant = variant
         self.channel_query = nn.Conv2d(channels, 1, 1, bias=False)
         self.channel_value = nn.Conv2d(channels, half, 1, bias=False)
-        self.channel_up = nn.Conv2d(half, channels, 1, bias=False)
-        self.channel_norm = nn.LayerNorm(channels)
+        if variant == "released" and layout == "sequential":
+            quarter = max(1, half // 4)
+            self.channel_up: nn.Module = nn.Sequential(
+                nn.Conv2d(half, quarter, 1), nn.LayerNorm([quarter, 1, 1]),
+                nn.ReLU(inplace=True), nn.Conv2d(quarter, channels, 1))
+        else:
+            self.channel_up = nn.Conv2d(half, channels, 1, bias=False)
+        if variant == "paper":
+            self.channel_norm = nn.LayerNorm(channels)
         self.spatial_query = nn.Conv2d(channels, half, 1, bias=False)
         self.spatial_value = nn.Conv2d(channels, half, 1, bias=False)
+        if variant == "released":
+            for conv in (self.channel_query, self.channel_value, self.spatial_query,
+                         self.spatial_value):
+                nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
 
     def channel_weights(self, x: torch.Tensor) -> torch.Tensor:
         """A_ch(x), shape (N, C, 1, 1)."""
         weights = self.channel_query(x).flatten(2).softmax(-1)             # (N, 1, HW)
         pooled = torch.bmm(self.channel_value(x).flatten(2), weights.transpose(1, 2))
-        z = self.channel_up(pooled.unsqueeze(-1)).flatten(1)                # (N, C)
-        return torch.sigmoid(self.channel_norm(z))[:, :, None, None]
+        z = self.channel_up(pooled.unsqueeze(-1))                           # (N, C, 1, 1)
+        if self.variant == "paper":
+            z = self.channel_norm(z.flatten(1))[:, :, None, None]
+        return torch.sigmoid(z)
 
     def spatial_weights(self, x: torch.Tensor) -> torch.Tensor:
         """A_sp(x), shape (N, 1, H, W)."""
         h, w = x.shape[-2:]
-        query = self.spatial_query(x).mean((2, 3)).softmax(-1).unsqueeze(1)  # (N, 1, C/2)
-        z = torch.bmm(query, self.spatial_value(x).flatten(2))               # (N, 1, HW)
+        query = self.spatial_query(x).mean((2, 3)).unsqueeze(1)            # (N, 1, C/2)
+        value = self.spatial_value(x).flatten(2)                            # (N, C/2, HW)
+        if self.variant == "paper":
+            z = torch.bmm(query.softmax(-1), value)                         # (N, 1, HW)
+        elif self.layout == "parallel":
+            z = torch.bmm(query, value).softmax(-1)
+        else:
+            z = torch.bmm(query, value.softmax(-1))
         return torch.sigmoid(z).reshape(-1, 1, h, w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.layout == "parallel":
-            return x * self.channel_weights(x) + x * self.spatial_weights(x)
-        y = x * self.channel_weights(x)
-        return y * self.spatial_weights(y)
+        a_ch = self.channel_weights(x)
+        record(self, "channel", a_ch, kind="channel")
+        y = x if self.layout == "parallel" else x * a_ch
+        a_sp = self.spatial_weights(y)
+        record(self, "spatial", a_sp)
+        return x * a_ch + x * a_sp if self.layout == "parallel" else y * a_sp
 
 
 @register_block
@@ -73,6 +110,10 @@ class PolarizedConfig(BlockConfig):
     layout: Literal["parallel", "sequential"] = Field(
         "parallel", description="Sum the channel-only and spatial-only branches (PSA_p), or "
         "apply them one after the other (PSA_s).")
+    variant: Literal["paper", "released"] = Field(
+        "paper", description="'paper': the paper's eq. 1-5; 'released': the authors' code "
+        "(DeLightCMU/PSA): no LayerNorm (parallel) or a C/2->C/8->C LayerNorm bottleneck "
+        "(sequential) in the channel branch, and the spatial softmax over positions.")
 
     module = PolarizedSelfAttention
 
@@ -127,6 +168,7 @@ class OutlookAttention(nn.Module):
         attn = self._pointwise(centres, self.attn).flatten(2)         # (N, heads*kk*kk, L)
         attn = attn.reshape(n, heads, kk, kk, windows).permute(0, 1, 4, 2, 3)
         attn = (attn * self.scale).softmax(dim=-1)                    # (N, heads, L, kk, kk)
+        record(self, "", attn, kind="other")
         out = (attn @ value).permute(0, 1, 4, 3, 2).reshape(n, c * kk, windows)
         out = F.fold(out, (h, w), self.kernel_size, padding=self.padding, stride=self.stride)
         out = self._pointwise(out, self.proj)
@@ -149,12 +191,8 @@ class OutlookConfig(BlockConfig):
 
     module = OutlookAttention
 
-    def build(self, site: Site) -> nn.Module:
-        channels = site.channels
-        if self.channels_last and site.replaced is not None and site.size:
-            # The builder's shape probe reads 4-D tensors as NCHW; NHWC puts C last.
-            channels = site.size[-1]
-        return self.module(channels=channels, **self.module_kwargs())
+    def input_layouts(self) -> tuple[str, ...]:
+        return ("nhwc",) if self.channels_last else ("nchw",)
 
 
 # --- mhsa2d: multi-head self-attention over a map (BoTNet, Srinivas et al., 2101.11605)
@@ -178,14 +216,25 @@ class MultiHeadSelfAttention2d(nn.Module):
     ``q k^T / sqrt(d) + q r^T`` with ``r`` the relative embeddings of the key's row
     offset and column offset (learnt tables of ``2H-1`` and ``2W-1`` rows, made for
     ``size``); softmax; the values of the heads are concatenated. With ``stride`` 2 a
-    2x2 average pool follows (BoTNet's first block of the last stage). Attention runs in
-    ``scaled_dot_product_attention`` with the position logits as an additive mask.
+    2x2 average pool follows (BoTNet's first block of the last stage).
+
+    ``variant``: ``timm`` (timm's ``BottleneckAttn``) leaves the query of ``q r^T``
+    unscaled; ``released`` is the authors' BoTNet code (``relpos_self_attention``), which
+    scales q by ``1/sqrt(d)`` before both products: ``(q k^T + q r^T) / sqrt(d)``.
+
+    Attention runs in ``scaled_dot_product_attention`` with the position logits as an
+    additive mask, formed for a chunk of queries at a time from the (H*W, H) row and
+    (H*W, W) column logits, so no tensor as large as the (heads, HW, HW) logits exists
+    (``_kernels.relative_position_attention``).
     """
 
     def __init__(self, channels: int, size: tuple[int, int], out_channels: int | None = None,
                  stride: int = 1, num_heads: int = 4, dim_head: int | None = None,
-                 qkv_bias: bool = False) -> None:
+                 qkv_bias: bool = False, variant: str = "timm") -> None:
         super().__init__()
+        if variant not in ("timm", "released"):
+            raise ValueError(f"variant must be 'timm' or 'released', got {variant!r}")
+        self.variant = variant
         out_channels = out_channels or channels
         if out_channels % num_heads:
             raise ValueError(f"out channels ({out_channels}) must be divisible by num_heads "
@@ -209,28 +258,53 @@ class MultiHeadSelfAttention2d(nn.Module):
         nn.init.trunc_normal_(self.width_rel, std=self.dim_head ** -0.5)
 
     def position_logits(self, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """``q r^T`` for queries q (N, heads, H*W, d): (N, heads, H*W, H*W)."""
+        """``q r^T`` for queries q (N, heads, H*W, d): (N, heads, H*W, H*W). The whole
+        matrix, for inspection; ``forward`` never forms it."""
+        rows, cols = self.relative_logits(q, h, w)
+        logits = rows.unsqueeze(-1) + cols.unsqueeze(-2)                # (N, h, HW, H, W)
+        return logits.reshape(q.shape[0], q.shape[1], h * w, h * w)
+
+    def relative_logits(self, q: torch.Tensor, h: int, w: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query's logits against the key's row offset, (N, heads, H*W, H), and
+        column offset, (N, heads, H*W, W): ``q r^T = rows[i, row(j)] + cols[i, col(j)]``."""
         q = q.reshape(*q.shape[:2], h, w, -1)
         rows = torch.einsum("nhxyd,xrd->nhxyr", q, _relative_table(self.height_rel, h))
         cols = torch.einsum("nhxyd,ysd->nhxys", q, _relative_table(self.width_rel, w))
-        logits = rows.unsqueeze(-1) + cols.unsqueeze(-2)                # (N, h, H, W, H, W)
-        return logits.reshape(q.shape[0], q.shape[1], h * w, h * w)
+        return rows.flatten(2, 3), cols.flatten(2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
-        heads = self.num_heads
-        q, k, v = self.qkv(x).split(
-            [heads * self.dim_head, heads * self.dim_head, heads * self.dim_value], dim=1)
-        q = q.reshape(n, heads, self.dim_head, h * w).transpose(-1, -2)
-        k = k.reshape(n, heads, self.dim_head, h * w).transpose(-1, -2)
-        v = v.reshape(n, heads, self.dim_value, h * w).transpose(-1, -2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.position_logits(q, h, w),
-                                             scale=self.dim_head ** -0.5)
+        heads, d, dv = self.num_heads, self.dim_head, self.dim_value
+        qkv = conv1x1_tokens(x, self.qkv)                   # (N, HW, heads * (2d + dv))
+        q = qkv[..., :heads * d].view(n, h * w, heads, d).transpose(1, 2)   # (N, h, HW, d)
+        k = qkv[..., heads * d:2 * heads * d].view(n, h * w, heads, d).transpose(1, 2)
+        v = qkv[..., 2 * heads * d:].view(n, h * w, heads, dv).transpose(1, 2)
+        rows, cols = self.relative_logits(q, h, w)
+        if self.variant == "released":                      # the query scaled for both
+            rows, cols = rows * d ** -0.5, cols * d ** -0.5
+        record(self, "", dot_product_affinity, q, k, (h, w), d ** -0.5,
+               _RelativeLogits(rows, cols), kind="affinity")
+        out = relative_position_attention(q, k, v, rows, cols, scale=d ** -0.5)
         # contiguous() first: with a channels-last input, eager strides let torch.export
         # record this reshape as a view that the ONNX exporter's re-traced SDPA output
-        # cannot take ("Cannot view a tensor ..."). Same values; NCHW inputs copied here anyway.
-        out = out.transpose(-1, -2).contiguous().reshape(n, heads * self.dim_value, h, w)
+        # cannot take ("Cannot view a tensor ..."). Same values.
+        out = out.transpose(-1, -2).contiguous().reshape(n, heads * dv, h, w)
         return self.pool(out)
+
+
+class _RelativeLogits:
+    """The position logits ``rows[i, row(j)] + cols[i, col(j)]`` of chosen queries i,
+    flattened over the keys j (for the recorded affinity)."""
+
+    def __init__(self, rows: torch.Tensor, cols: torch.Tensor) -> None:
+        self.rows, self.cols = rows, cols
+
+    def __call__(self, index: torch.Tensor | None) -> torch.Tensor:
+        rows, cols = self.rows, self.cols
+        if index is not None:
+            rows, cols = rows[..., index, :], cols[..., index, :]
+        return (rows.unsqueeze(-1) + cols.unsqueeze(-2)).flatten(-2)
 
 
 @register_block
@@ -243,6 +317,10 @@ class MHSA2dConfig(BlockConfig):
     dim_head: int | None = Field(None, ge=1, description="Query/key width per head; "
                                  "out_channels / num_heads when unset.")
     qkv_bias: bool = Field(False, description="Bias in the q, k, v projection.")
+    variant: Literal["timm", "released"] = Field(
+        "timm", description="'timm': relative logits from the unscaled query (timm's "
+        "BottleneckAttn); 'released': the authors' BoTNet code, query scaled by 1/sqrt(d) "
+        "for the relative logits too.")
 
     module = MultiHeadSelfAttention2d
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
+from ..attention_maps import dot_product_affinity, record
 from ..registry import register_block
 from ._layers import like_input, to_tokens
 from .base import BlockConfig, Site
@@ -230,6 +231,7 @@ class QueryKeyValueAttention(nn.Module):
             scores = (scores.unsqueeze(1) + mask).squeeze(1)
         weights = attention_distribution(scores, self.mode,
                                          sample=self.mode == "hard_sample" and self.training)
+        record(self, "", weights, kind="other")
         out = like_input(self.out_proj(weights @ v), query)
         return (out, weights) if need_weights else out
 
@@ -358,6 +360,8 @@ class MultiHeadAttention(nn.Module):
         mask = combined_mask(key_padding_mask, attn_mask, is_causal and not fused_causal,
                              batch, n_query, n_key, q.dtype, q.device, heads=self.num_heads)
         dropout = self.dropout if self.training else 0.0
+        record(self, "", _attention_weights, q, k, mask, query, kind="affinity" if (
+            query.dim() == 4 and key is None) else "other")
         if need_weights:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)
             weights = (scores if mask is None else scores + mask).softmax(dim=-1)
@@ -409,6 +413,18 @@ def _check_same_shape(block_type: str, site: Site) -> None:
         raise ValueError(f"block {block_type!r} keeps the shape of its input and cannot map "
                          f"{site.channels} channels at {site.size} to {site.output_channels} "
                          f"at {site.out_size}")
+
+
+def _attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None,
+                       query: torch.Tensor) -> torch.Tensor:
+    """The softmax weights, (B, heads, Nq, Nk) for token sequences; for a map attending
+    to itself, the chosen queries' weights as maps, (B, heads, Q, H, W)."""
+    if query.dim() == 4 and k.shape[2] == q.shape[2]:
+        extra = None if mask is None else (
+            lambda index: mask if index is None else mask[..., index.to(mask.device), :])
+        return dot_product_affinity(q, k, tuple(query.shape[-2:]), q.shape[-1] ** -0.5, extra)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return (scores if mask is None else scores + mask).softmax(dim=-1)
 
 
 @register_block

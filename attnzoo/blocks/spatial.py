@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import nn
 
+from ..attention_maps import record
 from ..registry import register_block
 from ._layers import check_odd, resize
-from .base import BlockConfig
+from .base import BlockConfig, Site
 
 # --- stn: Spatial Transformer Networks (Jaderberg et al., 1506.02025) -------------------
 
@@ -23,16 +24,28 @@ class SpatialTransformer(nn.Module):
 
     The localisation net is the paper's SVHN one (two 5x5 convs with 32 filters, each
     followed by 2x2 max-pooling and ReLU, then two fully connected layers of 32 units and
-    the 6-unit regression layer). It sees the input resized to ``loc_resolution`` (64,
-    the paper's SVHN input size), so it works at any input size and costs the same at
-    224 as at 64. The regression layer starts at zero weight and the identity bias, so
-    at initialisation the block returns its input unchanged.
+    the 6-unit regression layer). As in the paper, it sees the input itself, so its
+    first fully connected layer is sized for ``input_size`` (H, W). With
+    ``loc_resolution`` set, it sees the input resized to that side instead (an attnzoo
+    option, neither the paper's nor the common implementations'): it then works at any
+    input size and costs the same at 224 as at 64. The regression layer starts at zero
+    weight and the identity bias, so at initialisation the block returns its input
+    unchanged.
     """
 
-    def __init__(self, channels: int, loc_resolution: int = 64, hidden_channels: int = 32,
-                 kernel_size: int = 5, fc_units: int = 32) -> None:
+    def __init__(self, channels: int, loc_resolution: int | None = None,
+                 hidden_channels: int = 32, kernel_size: int = 5, fc_units: int = 32,
+                 input_size: tuple[int, int] | None = None) -> None:
         super().__init__()
+        if loc_resolution is None and input_size is None:
+            raise ValueError("stn without loc_resolution sizes its localisation net for the "
+                             "input's (H, W): give input_size (the site's size)")
         self.loc_resolution = loc_resolution
+        side_h, side_w = ((loc_resolution, loc_resolution) if loc_resolution
+                          else (int(input_size[0]), int(input_size[1])))
+        if side_h // 4 < 1 or side_w // 4 < 1:
+            raise ValueError(f"the localisation net pools twice by 2 and needs a map of at "
+                             f"least 4x4, got {side_h}x{side_w}")
         pad = kernel_size // 2
         self.features = nn.Sequential(
             nn.Conv2d(channels, hidden_channels, kernel_size, padding=pad),
@@ -42,10 +55,9 @@ class SpatialTransformer(nn.Module):
             nn.MaxPool2d(2),
             nn.ReLU(inplace=True),
         )
-        side = loc_resolution // 4
         self.fc = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(hidden_channels * side * side, fc_units),
+            nn.Linear(hidden_channels * (side_h // 4) * (side_w // 4), fc_units),
             nn.ReLU(inplace=True),
             nn.Linear(fc_units, fc_units),
             nn.ReLU(inplace=True),
@@ -61,12 +73,15 @@ class SpatialTransformer(nn.Module):
 
     def affine(self, x: torch.Tensor) -> torch.Tensor:
         """The (N, 2, 3) affine transforms the localisation net predicts for ``x``."""
-        small = resize(x, (self.loc_resolution, self.loc_resolution))
-        return self.theta(self.fc(self.features(small))).view(-1, 2, 3)
+        if self.loc_resolution:
+            x = resize(x, (self.loc_resolution, self.loc_resolution))
+        return self.theta(self.fc(self.features(x))).view(-1, 2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         theta = self.affine(x)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        record(self, "theta", theta, kind="other")
+        record(self, "grid", grid, kind="other")
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros",
                              align_corners=False)
 
@@ -79,9 +94,11 @@ class STNConfig(BlockConfig):
     """Spatial Transformer, https://arxiv.org/abs/1506.02025"""
 
     type: Literal["stn"]
-    loc_resolution: int = Field(
-        64, ge=4, multiple_of=4, description="Side the input is resized to before the "
-        "localisation net (the paper's SVHN input is 64x64); keeps its cost fixed.")
+    loc_resolution: int | None = Field(
+        None, ge=4, multiple_of=4, description="Side the input is resized to before the "
+        "localisation net, which keeps its cost fixed and lets it take any input size (an "
+        "attnzoo option). Unset: the localisation net sees the input as it is and is sized "
+        "for the site's (H, W), as in the paper and the common implementations.")
     hidden_channels: int = Field(32, ge=1, description="Filters of the localisation convs.")
     kernel_size: int = Field(5, ge=1, description="Kernel of the localisation convs.")
     fc_units: int = Field(32, ge=1, description="Units of the two fully connected layers.")
@@ -92,6 +109,12 @@ class STNConfig(BlockConfig):
     @classmethod
     def _odd(cls, k: int) -> int:
         return check_odd(k)
+
+    def build(self, site: Site) -> nn.Module:
+        if site.output_channels != site.channels:
+            raise ValueError("stn keeps its channel count")
+        size = tuple(site.size) if site.size and len(site.size) == 2 else None
+        return SpatialTransformer(site.channels, input_size=size, **self.module_kwargs())
 
 
 # --- reverse: Reverse Attention (RAS, Chen et al., 1807.09940) -------------------------
@@ -123,6 +146,7 @@ class ReverseAttention(nn.Module):
     def forward(self, features: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         coarse = resize(coarse, features.shape[-2:])
         reverse_weight = 1.0 - torch.sigmoid(coarse)
+        record(self, "", reverse_weight)
         return coarse + self.residual(features * reverse_weight)
 
 
