@@ -15,8 +15,8 @@ out, no connection.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import re
+import sys
 import time
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -93,7 +93,7 @@ _STREAM_CLASSES: dict[type, type] = {}
 
 def _timed_stream(stream: Any, call: Call) -> Any:
     """``stream`` (an httpx SyncByteStream) that stops once the deadline has passed."""
-    httpx = importlib.import_module(type(stream).__module__.split(".")[0])
+    httpx = sys.modules.get(type(stream).__module__.split(".")[0])  # httpx, or httpx2
     base = getattr(httpx, "SyncByteStream", None)
     if base is None or not isinstance(stream, base):
         return stream

@@ -363,7 +363,7 @@ def _verified_tensors(f: BinaryIO, path: Path, size: int, sha256: str | None, wh
             raise WeightsError(f"{path}: dtypes {unknown} are not supported")
     except WeightsError as exc:
         if sha256 is not None:  # not the pinned file: no need to hash it to know
-            raise _mismatch(path, str(exc).removeprefix(f"{path}: "), where,
+            raise _mismatch(path, f"{exc} (the recorded file has sha256 {sha256})", where,
                             "corrupt, truncated or not a safetensors file") from None
         raise WeightsError(f"{where}: {exc}") from None
     stat = os.fstat(f.fileno())
