@@ -155,11 +155,11 @@ class ModelRow:
 
     name: str
     paper: str
-    follows: str
     blocks: str
     params: int
     input_size: tuple[int, int, int]
     flops: int  # as FlopCounterMode counts them: 2 per multiply-add
+    follows: str = "-"  # released code | paper | zoo's own (see FOLLOWS)
 
     def cells(self) -> list[str]:
         gmacs = self.flops / 2e9
