@@ -178,6 +178,7 @@ def test_segmentation_models_have_the_released_heads():
     assert type(ccnet.head.attention).__name__ == "CrissCrossAttention"
     assert ccnet.head.attention.recurrence == 2
     assert type(dnl.head.attention).__name__ == "DisentangledNonLocal"
+    assert dnl.head.attention.variant == "released" and dnl.head.attention.g.out_channels == 512
     # CCNet's dsn conv has a bias, DNL's does not; InPlace-ABN's leaky ReLU vs ReLU
     assert ccnet.aux_head.conv.conv.bias is not None and dnl.aux_head.conv.conv.bias is None
     assert isinstance(ccnet.head.reduce.act, nn.LeakyReLU) and isinstance(dnl.head.reduce.act,
