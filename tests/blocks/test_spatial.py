@@ -20,13 +20,13 @@ from attnzoo.blocks.spatial import SpatialTransformer
 
 @pytest.mark.parametrize("shape", [(2, 3, 64, 64), (1, 3, 32, 32), (1, 5, 45, 71)])
 def test_stn_at_init_leaves_its_input_unchanged(shape):
-    stn = attnzoo.create_block("stn", shape[1])
+    stn = attnzoo.create_block("stn", shape[1], loc_resolution=64)
     x = torch.randn(shape)
     torch.testing.assert_close(stn(x), x, atol=1e-4, rtol=1e-4)
 
 
 def test_theta_is_an_affine_map_of_normalised_coordinates():
-    stn = attnzoo.create_block("stn", 3)
+    stn = attnzoo.create_block("stn", 3, loc_resolution=64)
     x = torch.randn(1, 3, 16, 24)
     with torch.no_grad():
         stn.theta.bias.copy_(torch.tensor([-1.0, 0, 0, 0, 1, 0]))   # mirror x
@@ -63,7 +63,7 @@ def test_zoo_spec_trains_at_any_input_size_from_32(size):
 
 
 def test_stn_exports():
-    stn = attnzoo.create_block("stn", 3).eval()
+    stn = attnzoo.create_block("stn", 3, loc_resolution=64).eval()
     x = torch.randn(1, 3, 40, 40)
     exported = torch.export.export(stn, (x,))
     torch.testing.assert_close(exported.module()(x), stn(x))
@@ -74,7 +74,7 @@ def test_localisation_net_has_the_papers_svhn_size():
     # FC 32 -> 32, regression 32 -> 6, all with biases
     expected = (3 * 25 * 32 + 32) + (32 * 25 * 32 + 32) + (32 * 16 * 16 * 32 + 32) \
         + (32 * 32 + 32) + (32 * 6 + 6)
-    stn = attnzoo.create_block("stn", 3)
+    stn = attnzoo.create_block("stn", 3, loc_resolution=64)
     assert sum(p.numel() for p in stn.parameters()) == expected == 291_494
 
 
