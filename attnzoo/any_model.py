@@ -126,9 +126,10 @@ def insert(model: nn.Module, insertions: Insertions, *,
     size = input_size_for(model, input_size)
     blocks = apply_insertions(model, parsed, size, type(model).__name__)
     model.attnzoo_blocks = [*getattr(model, "attnzoo_blocks", []), *blocks]
-    calls = list(getattr(model, "attnzoo_insertions", []))
-    calls.append({"input_size": list(size), "insert": parsed})
-    model.attnzoo_insertions = calls
+    if parsed:
+        calls = list(getattr(model, "attnzoo_insertions", []))
+        calls.append({"input_size": list(size), "insert": parsed})
+        model.attnzoo_insertions = calls
     return model
 
 
