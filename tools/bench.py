@@ -357,11 +357,16 @@ def bench_load(repeats: int) -> dict[str, Any]:
 def naive_non_local(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """attnzoo's ``non_local`` computed with the attention matrix formed explicitly:
     ``softmax(theta^T phi) g`` as a (HW x HW') matrix product, HW' = HW/4 with the
-    block's subsampling (HW with ``subsample=False``)."""
+    block's subsampling (HW with ``subsample=False``), pooling before phi and g in the
+    ``released`` variant."""
     n, _, h, w = x.shape
     theta = block.theta(x).flatten(2).transpose(1, 2)                  # (N, HW, C')
-    phi = block.pool(block.phi(x)).flatten(2)                          # (N, C', HW')
-    g = block.pool(block.g(x)).flatten(2).transpose(1, 2)              # (N, HW', C')
+    if block.variant == "released":                                    # pool, then convs
+        phi = block.phi(block.pool(x)).flatten(2)                      # (N, C', HW')
+        g = block.g(block.pool(x)).flatten(2).transpose(1, 2)          # (N, HW', C')
+    else:
+        phi = block.pool(block.phi(x)).flatten(2)
+        g = block.pool(block.g(x)).flatten(2).transpose(1, 2)
     attn = torch.softmax(torch.bmm(theta, phi) * block.scale, dim=-1)  # (N, HW, HW')
     y = torch.bmm(attn, g).transpose(1, 2).reshape(n, -1, h, w)
     return x + block.out_norm(block.out_conv(y))
