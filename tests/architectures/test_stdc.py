@@ -114,7 +114,7 @@ def test_backbone_behaves_like_a_timm_classifier():
 def test_blocks_insert_by_stage_into_stdc():
     model = attnzoo.create_model({
         "name": "stdc1_se", "backbone": {"source": "attnzoo", "name": "stdcnet"},
-        "insert": [{"block": {"type": "se"}, "at": {"path": "stages.*.*"}, "stages": [3, 4]}],
+        "insert": [{"block": {"type": "se"}, "at": {"path": "stages.*.*"}, "stages": [4, 5]}],
     })
     assert [b.site for b in model.attnzoo_blocks] == [
         "stages.3.0", "stages.3.1", "stages.4.0", "stages.4.1"]

@@ -35,7 +35,7 @@ def test_tiny_cnn_stage_filters_select_its_blocks() -> None:
     spec = {"name": "t", "backbone": {"source": "attnzoo", "name": "tiny_cnn",
                                       "args": {"in_chans": 3, "img_size": 16}},
             "insert": [{"block": {"type": "se", "reduction": 4},
-                        "at": {"path": "stages.*.*"}, "stages": [1], "blocks": [1]}]}
+                        "at": {"path": "stages.*.*"}, "stages": [2], "blocks": [1]}]}
     model = attnzoo.create_model(spec)
     assert [(b.site, b.channels, b.size) for b in model.attnzoo_blocks] == [
         ("stages.1.1", 64, (8, 8))]
