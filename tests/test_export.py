@@ -67,8 +67,9 @@ def trimmed(spec: ModelSpec) -> ModelSpec:
     extra = next((args for (source, prefix), args in _ONE_PER_STAGE.items()
                   if spec.backbone.source == source and spec.backbone.name.startswith(prefix)),
                  None)
-    if extra is None:
-        return spec
+    if extra is None or (spec.backbone.source == "timm" and timm.models.model_entrypoint(
+            spec.backbone.name).__module__ == "timm.models.byobnet"):
+        return spec  # timm's ByobNets named res* (resnet33ts, resnext26ts) have no `layers`
     backbone = spec.backbone.model_copy(update={"args": {**spec.backbone.args, **extra}})
     insert = [ins.model_copy(update={"blocks": None}) for ins in spec.insert]
     return spec.model_copy(update={"backbone": backbone, "insert": insert})
@@ -99,6 +100,11 @@ def _trimmed_key(spec: ModelSpec) -> str:
     depth = re.fullmatch(r"resnet(\d+)", spec.backbone.name)
     if depth and spec.backbone.source == "timm":
         data["backbone"]["name"] = "resnet18" if int(depth[1]) < 50 else "resnet50"
+    # VOLO-Dn for 384/448/512 is VOLO-Dn for 224 built for another input; build_small
+    # builds both for its small input.
+    volo = re.fullmatch(r"(volo_d\d)_\d+", spec.backbone.name)
+    if volo and spec.backbone.source == "timm":
+        data["backbone"]["name"], data["input_size"] = f"{volo[1]}_224", None
     return json.dumps(data, sort_keys=True)
 
 

@@ -93,11 +93,16 @@ NOT_EXPRESSIBLE = {
 # output test, and at their own size on the meta device for the checkpoint layout.
 SIZED = {z for z in TWINS if z.startswith(("volo", "vit"))}
 
+# VOLO made for a larger input -> the same network made for 224: built at one input size
+# they are the same modules (checked on the meta device), so the outputs test of the
+# 224 model covers them.
+SIBLINGS = {"volo_d1_384px": "volo_d1", "volo_d2_384px": "volo_d2", "volo_d3_448px": "volo_d3",
+            "volo_d4_448px": "volo_d4", "volo_d5_448px": "volo_d5", "volo_d5_512px": "volo_d5"}
+
 # Over 80M parameters: slow on a shared 2-core machine; still run by default.
 BIG = {"resnext101_32x8d_se", "resnext101_64x4d_se", "resnext101d_32x8d_se",
        "resnextaa101d_32x8d_se", "resnextaa201d_32x8d_se", "resnext152_64x4d_se",
-       "resnet269d_eca", "volo_d3", "volo_d3_448px", "volo_d4", "volo_d4_448px", "volo_d5",
-       "volo_d5_448px", "volo_d5_512px"}
+       "resnet269d_eca", "volo_d3", "volo_d4", "volo_d5"}
 
 TOL = 1e-5
 
@@ -142,12 +147,20 @@ def test_every_twin_is_a_timm_equivalent_named_plainly():
         assert timm.list_pretrained(name if "*" in name else f"{name}.*"), name
 
 
-@pytest.mark.parametrize("zoo", _cases(TWINS))
+def small(zoo: str) -> tuple[dict, attnzoo.ModelSpec]:
+    """The timm arguments and the spec that build ``zoo``'s network for a 64x64 input."""
+    spec = attnzoo.load_spec(zoo)
+    if zoo not in SIZED:
+        return {}, spec
+    return {"img_size": 64}, spec.model_copy(update={"input_size": (3, 64, 64)})
+
+
+@pytest.mark.parametrize("zoo", _cases(set(TWINS) - set(SIBLINGS)))
 def test_timm_weights_load_strictly_and_give_timms_outputs(zoo):
     timm_name = TWINS[zoo]
-    size = {"img_size": 64} if zoo in SIZED else {}
+    size, spec = small(zoo)
     peer = live(timm.create_model(timm_name, **size))
-    model = attnzoo.create_model(zoo, **size).eval()
+    model = attnzoo.create_model(spec, **size).eval()
     assert type(model) is type(peer)
     model.load_state_dict(from_timm(zoo, peer.state_dict()), strict=True)
     x = torch.randn(2, 3, 64, 64)
@@ -168,6 +181,19 @@ def test_checkpoint_at_the_models_own_size_loads_strictly(zoo):
     model.load_state_dict(from_timm(zoo, peer.state_dict()), strict=True, assign=True)
     assert tuple(model.pretrained_cfg["input_size"]) == get_pretrained_cfg(
         TWINS[zoo]).input_size
+
+
+@pytest.mark.parametrize("zoo", sorted(SIBLINGS))
+def test_a_volo_for_a_larger_input_is_its_224_siblings_network(zoo):
+    sibling = SIBLINGS[zoo]
+    specs = [attnzoo.load_spec(n) for n in (zoo, sibling)]
+    assert specs[0].insert == specs[1].insert
+    with torch.device("meta"):
+        models = [attnzoo.create_model(spec, **size) for size, spec in map(small, (zoo, sibling))]
+        peers = [timm.create_model(TWINS[n], img_size=64) for n in (zoo, sibling)]
+    assert repr(models[0]) == repr(models[1]) and repr(peers[0]) == repr(peers[1])
+    assert {k: v.shape for k, v in models[0].state_dict().items()} == {
+        k: v.shape for k, v in models[1].state_dict().items()}
 
 
 @pytest.mark.parametrize("zoo", WITH_WEIGHTS)
