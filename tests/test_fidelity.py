@@ -139,6 +139,22 @@ def test_resnet50_gct_is_the_released_network(train):
     assert_matches(run(model, x, train), oracle, "resnet50_gct")
 
 
+def test_restrided_resnets_take_their_backbones_timm_checkpoint(fake_hub):
+    """resnet50_gsop / resnet50_gct are timm's ResNet-50 with strides moved: every tensor
+    has timm's shape, so pretrained_backbone= loads timm's resnet50 checkpoint."""
+    import timm
+    from safetensors.torch import save
+
+    torch.manual_seed(0)
+    state = {k: v.contiguous() for k, v in timm.create_model("resnet50").state_dict().items()}
+    fake_hub.commit("timm/resnet50.a1_in1k", {"model.safetensors": save(state)})
+    for name in ("resnet50_gsop", "resnet50_gct"):
+        model = attnzoo.create_model(name, pretrained_backbone=True)
+        ours = model.state_dict()
+        assert all(torch.equal(ours[k], v) for k, v in state.items()), name
+        assert model.attnzoo_weights["repo"] == "timm/resnet50.a1_in1k"
+
+
 # --- 3. CCNet and DNLNet: segmentation networks with their heads ---------------------
 
 

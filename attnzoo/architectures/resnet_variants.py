@@ -104,7 +104,9 @@ def _update_reductions(model: ResNet) -> None:
         info["reduction"] = reduction
 
 
-@register_architecture("resnet_strides")
+# The whole network is the timm model named by `model`: pretrained_backbone= loads its
+# checkpoint (moving a stride changes no tensor shape).
+@register_architecture("resnet_strides", timm_backbone=("", "model"))
 def resnet_strides(model: str = "resnet50", stage_strides: list[int] | None = None,
                    stride_in_1x1: bool = False, **kwargs: Any) -> ResNet:
     """A timm ResNet ``model`` (built with ``kwargs``: ``num_classes``, ``in_chans``,
