@@ -117,7 +117,7 @@ def test_safe_dump_of_spec_has_no_python_tags():
 # --- names, not paths; no weights ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("source", ["torchvision", "python", "os.system", "file", "hf-hub",
+@pytest.mark.parametrize("source", ["tensorflow", "python", "os.system", "file", "hf-hub",
                                     "ATTNZOO", ""])
 def test_unknown_backbone_source_is_refused(source):
     with pytest.raises(SpecError, match="source"):
@@ -222,7 +222,7 @@ def _bad(path: tuple[Any, ...], value: Any, delete: bool = False) -> dict[str, A
     ("wrong type of a block field", _bad(("insert", 0, "block", "reduction"), "sixteen")),
     ("wrong type of num_classes", _bad(("num_classes",), "ten")),
     ("negative num_classes", _bad(("num_classes",), -1)),
-    ("unknown backbone source", _bad(("backbone", "source"), "torchvision")),
+    ("unknown backbone source", _bad(("backbone", "source"), "tensorflow")),
     ("unknown site position", _bad(("insert", 0, "at"), {"path": "layer1.*", "position": "in"})),
     ("input_size of two numbers", _bad(("input_size",), [224, 224])),
     ("stages not a list", _bad(("insert", 0, "stages"), 2)),
