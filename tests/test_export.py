@@ -232,7 +232,9 @@ def resnet_blocks_spec(block_types: list[str]) -> ModelSpec:
     insert = []
     for ins in sorted(wanted, key=lambda ins: getattr(ins.at, "position", "") != "replace"):
         sites = resolve_sites(backbone, ins.model_copy(update={"blocks": None}), RESNET_CASE)
-        site = next(site for site in sites if site.path not in taken)
+        site = next((site for site in sites if site.path not in taken), None)
+        if site is None:  # every site this replacement can take is taken by another
+            continue
         if site.position == "replace":
             taken.add(site.path)
         insert.append({"block": ins.block.model_dump(), "zero_init": ins.zero_init,
