@@ -32,6 +32,36 @@ Kinds (``maps.kinds[key]``) and shapes, N the batch:
 - ``"other"``: anything else, documented by the block (STN's theta (N, 2, 3) and grid
   (N, H, W, 2), outlook weights, token-sequence weights (B, heads, Nq, Nk), ...).
 
+What each block records (N batch, C channels, (H, W) its map, Q the chosen queries;
+``name``: the map's name after the ``:``, none for a block's one map):
+
+- channel weights (N, C, 1, 1): se, eca, fca, gsop, effective_se, gather_excite (global
+  extent; with an extent, spatial (N, C, H, W)), arm, ffm (sigmoid, in [0, 1]); gct
+  (``1 + tanh``, in [0, 2]); gau (its ReLU'd gate, >= 0); cbam's ``channel`` gate,
+  polarized ``channel``, scse ``channel``.
+- spatial weights in [0, 1]: cbam's ``spatial`` gate, polarized ``spatial``, scse
+  ``spatial`` (N, 1, H, W); simam (N, C, H, W), its ``sigmoid(1 / e*)`` from the minimal
+  energies; reverse (N, 1, H, W), ``1 - sigmoid(coarse)``; residual_attention's soft mask,
+  bam's M(F), coordinate_attention's ``a_h * a_w``, triplet_attention's mean gate,
+  shuffle_attention's gate in the output's channel order (all (N, C, H, W));
+  spatial_group_enhance (N, G, H, W), efficient_multiscale_attention (N, G, H, W); fpa's
+  pyramid attention (N, 1 or C, H, W, not normalised).
+- softmax maps: global_context (N, 1, H, W) over the positions; double_attention
+  ``gather`` (N, n, H, W) over the positions and ``distribute`` (N, n, H, W) over the n
+  descriptors; external_attention (N, S, H, W), normalised over the S memory units;
+  lambda_layer's keys (N, k, H, W), each a softmax over the positions.
+- affinities (kind ``affinity``, rows summing to 1): non_local (N, Q, Hk, Wk) over its
+  (sub-sampled) keys; disentangled_non_local ``pairwise`` (N, Q, Hk, Wk) and ``unary``
+  (N, 1, Hk, Wk); danet_position (N, Q, H, W); criss_cross (N, Q, H, W) per pass, zero
+  off the query's row and column; mhsa2d, generalized_attention, halo_attention (each
+  window placed on the map; weights on the zero padding beyond the border are cut) and
+  multi_head_attention on a map: (N, heads, Q, Hk, Wk).
+- other: stn ``theta`` (N, 2, 3) and ``grid`` (N, H, W, 2) (``affine_grid(theta)``); sk
+  and split_attention (N, M, C, 1, 1), softmax over the M branches; contextual_transformer
+  (N, 2, C, 1, 1), dynamic vs static context; danet_channel (N, C, C); outlook (N, heads,
+  L, K*K, K*K) per window; attention (B, Nq, Nk) and multi_head_attention on tokens (B,
+  heads, Nq, Nk). identity and stdc record nothing.
+
 ``spatial_maps(maps)`` reduces the spatial and affinity maps to one (H, W) heat map each
 (first image of the batch; mean over channels, heads and queries), and
 ``render_maps(image, maps)`` overlays them on a picture in a grid, one panel per map

@@ -27,6 +27,7 @@ from .insertion import (  # noqa: F401  (AFTER, BEFORE, IdentityBlend, probe: re
     BEFORE,
     IdentityBlend,
     InsertedBlock,
+    allocation_error,
     apply_insertions,
     convert_sync_batchnorm,
     default_input_size,
@@ -223,3 +224,5 @@ def create_block(type: str, channels: int, **cfg: Any) -> nn.Module:  # noqa: A0
     except (ValueError, TypeError) as exc:
         raise SpecError(f"block {type!r} cannot be built for {channels} channels"
                         f"{f' at size {tuple(size)}' if size else ''}: {exc}") from None
+    except (MemoryError, RuntimeError) as exc:
+        raise allocation_error(f"block {type!r} for {channels} channels", config, exc) from None

@@ -391,6 +391,18 @@ def _type_name(annotation: Any) -> str:
 
     text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
     text = re.sub(r"\btyping\.", "", text)
+    while (start := text.find("Annotated[")) >= 0:  # the type, not its bounds
+        depth, end, comma = 0, start + len("Annotated"), None
+        for end in range(start + len("Annotated"), len(text)):
+            if text[end] in "[(":
+                depth += 1
+            elif text[end] in "])":
+                depth -= 1
+            if depth == 1 and text[end] == "," and comma is None:
+                comma = end
+            if depth == 0:
+                break
+        text = text[:start] + text[start + len("Annotated["):comma] + text[end + 1:]
     text = re.sub(r"Literal\[([^\]]*)\]", lambda m: m[1].replace(", ", "|"), text)
     text = re.sub(r"^Optional\[(.*)\]$", r"\1 | None", text)
     return text.replace("NoneType", "None")

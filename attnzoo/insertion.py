@@ -41,6 +41,7 @@ from .layouts import (
     tensor_shape,
     token_hints,
 )
+from .settings import MAX_SITES_ENV, max_sites
 from .sites import SiteRef, resolve_sites
 from .spec import Insertion
 
@@ -327,6 +328,10 @@ def apply_insertions(model: nn.Module, insertions: Sequence[Insertion],
                 raise SpecError(f"{where}: zero_init cannot apply to a 'replace' site")
             for site in resolve_sites(model, ins, where, stages):
                 plan.append(_Planned(where, i, ins.block, site, ins.zero_init))
+            if len(plan) > (cap := max_sites()):
+                raise SpecError(f"{where}: the inserts resolve to more than {cap} sites "
+                                f"({len(plan)} after this one); a spec inserts at most {cap} "
+                                f"blocks (${MAX_SITES_ENV} raises the limit)")
     with locate("insert"):
         _refuse_sites_inside_replacements(plan)
     if not plan:
@@ -405,6 +410,21 @@ def _site_layout(p: _Planned, lin: Layout | None, lout: Layout | None) -> Layout
     return layout
 
 
+def allocation_error(where: str, config: BlockConfig, exc: BaseException) -> BaseException:
+    """The SpecError for a block whose build ran out of memory (a field far too large for
+    the site), naming the fields the spec set; any other error is returned as it is."""
+    text = str(exc)
+    if not (isinstance(exc, MemoryError) or any(
+            w in text for w in ("alloc", "out of memory", "overflow", "too large"))):
+        return exc
+    fields = {k: v for k, v in config.model_dump(exclude_defaults=True).items() if k != "type"}
+    asked = ", ".join(f"{k}={v!r}" for k, v in fields.items()) or "its default fields"
+    first = text.strip().splitlines()[-1][:200] if text.strip() else type(exc).__name__
+    return SpecError(f"{where}: building the {config.block_type()!r} block ran out of memory "
+                     f"({first}): with {asked} at this site it needs more than this machine "
+                     "can allocate; use smaller values (or a smaller input_size)")
+
+
 def _insert(model: nn.Module, p: _Planned, seen: Seen, lin: Layout | None,
             lout: Layout | None) -> InsertedBlock:
     site, config, where = p.site, p.config, p.where
@@ -446,6 +466,10 @@ def _insert(model: nn.Module, p: _Planned, seen: Seen, lin: Layout | None,
     except (ValueError, TypeError) as exc:
         raise SpecError(f"{where}: cannot build at {site.path} ({site.position}, "
                         f"{site_info.channels} channels): {exc}") from None
+    except (MemoryError, RuntimeError) as exc:
+        size = f", {'x'.join(map(str, site_info.size))}" if site_info.size else ""
+        raise allocation_error(f"{where}: at {site.path} ({site_info.channels} channels{size})",
+                               config, exc) from None
     if not takes_one_tensor(block):
         raise SpecError(f"{where}: block {config.block_type()!r} fuses several inputs and "
                         f"cannot be inserted at one site ({site.path}); it is used inside "

@@ -279,9 +279,17 @@ FUSION_INPUTS = {
 }
 
 
-def record_block(name: str, queries=None, **cfg):
-    block = rand_(attnzoo.create_block(name, 48, size=(8, 8), **cfg))
-    inputs = FUSION_INPUTS[name]() if name in FUSION_INPUTS else (torch.randn(2, 48, 8, 8),)
+# Fields that make a block take 48 channels.
+FITS_48 = {"sk": {"groups": 16}}
+
+
+def record_block(name: str, queries=None, block=None, inputs=None, **cfg):
+    if block is None:
+        block = rand_(attnzoo.create_block(name, 48, size=(8, 8),
+                                           **{**FITS_48.get(name, {}), **cfg}))
+    if inputs is None:
+        inputs = FUSION_INPUTS[name]() if name in FUSION_INPUTS else (
+            torch.randn(2, 48, 8, 8),)
     kwargs = {} if queries is None else {"queries": queries}
     with torch.no_grad(), record_attention(block, **kwargs) as maps:
         block(*inputs)
@@ -340,11 +348,11 @@ def test_global_context_map_is_a_softmax_over_the_positions():
     ("disentangled_non_local", {}, "pairwise", (8, 8)),
     ("mhsa2d", {}, "", (8, 8)), ("multi_head_attention", {}, "", (8, 8))])
 def test_pairwise_affinities_are_softmax_rows_for_the_chosen_queries(name, cfg, key, keys):
-    _, _, maps = record_block(name, queries="all", **cfg)
+    block, inputs, maps = record_block(name, queries="all", **cfg)
     full = maps[key]
     assert maps.kinds[key] == "affinity" and full.shape[-2:] == keys and full.shape[-3] == 64
     torch.testing.assert_close(full.sum((-2, -1)), torch.ones(full.shape[:-2]))
-    _, _, centre = record_block(name, **cfg)
+    _, _, centre = record_block(name, block=block, inputs=inputs)
     torch.testing.assert_close(centre[key][..., 0, :, :], full[..., 4 * 8 + 4, :, :],
                                atol=1e-5, rtol=1e-5)
 

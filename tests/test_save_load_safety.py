@@ -980,6 +980,110 @@ def test_10_the_hub_lying_about_the_etag_or_the_commit_is_refused(
 
 
 
+# ------------------------------------------------------------------ 11. valid but huge specs
+
+
+def _bounded(prop: dict) -> bool:
+    """Whether a JSON-schema property has an upper bound (a number's maximum, a string's
+    enum or maxLength, an array's maxItems and bounded items); null and booleans are."""
+    if "anyOf" in prop:
+        return all(_bounded(p) for p in prop["anyOf"])
+    if "enum" in prop or "const" in prop or prop.get("type") in ("null", "boolean"):
+        return True
+    if prop.get("type") in ("integer", "number"):
+        return "maximum" in prop or "exclusiveMaximum" in prop
+    if prop.get("type") == "string":
+        return "maxLength" in prop
+    if prop.get("type") == "array":
+        items = prop.get("prefixItems") or [prop.get("items", {})]
+        return ("maxItems" in prop or "prefixItems" in prop) and all(map(_bounded, items))
+    return False
+
+
+def test_11_every_block_field_has_an_upper_bound_that_the_schema_shows(capsys) -> None:
+    from attnzoo import cli
+    from attnzoo.registry import block_configs
+
+    unbounded = []
+    for name, config in block_configs().items():
+        schema = config.model_json_schema()
+        for field_name, prop in schema["properties"].items():
+            if "$ref" in prop:
+                prop = schema["$defs"][prop["$ref"].rsplit("/", 1)[1]]
+            if not _bounded(prop):
+                unbounded.append(f"{name}.{field_name}")
+    assert unbounded == []
+    assert cli.main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    cbam = next(d for d in schema["$defs"].values()
+                if d.get("properties", {}).get("type", {}).get("const") == "cbam")
+    assert cbam["properties"]["spatial_kernel"]["maximum"] == 31
+
+
+def test_11_the_zoo_and_the_papers_values_are_within_the_bounds() -> None:
+    from attnzoo.builder import build_model
+    from attnzoo.registry import block_configs
+
+    for config in block_configs().values():  # the papers' values are the defaults
+        config.model_validate({"type": config.block_type(), **{
+            k: f.default for k, f in config.model_fields.items()
+            if k != "type" and f.default is not None}})
+    for name in attnzoo.list_models():
+        spec = attnzoo.load_spec(name)
+        if spec.backbone.source == "attnzoo":  # architectures parse their block fields
+            build_model(spec, device="meta")
+
+
+def _tiny_spec(insert: list, input_size=(1, 8, 8), widths=(32, 64)) -> dict:
+    return {"name": "huge", "num_classes": 10, "input_size": list(input_size), "insert": insert,
+            "backbone": {"source": "attnzoo", "name": "tiny_cnn",
+                         "args": {"in_chans": 1, "widths": list(widths), "depths": [1, 1]}}}
+
+
+@pytest.mark.parametrize("block, field", [
+    ({"type": "cbam", "spatial_kernel": 99999}, "spatial_kernel"),
+    ({"type": "se", "reduction": 1e-9}, "reduction"),
+    ({"type": "fca", "dct_size": [100000, 100000]}, "dct_size"),
+    ({"type": "criss_cross", "recurrence": 10**9}, "recurrence"),
+    ({"type": "reverse", "num_convs": 20000}, "num_convs"),
+    ({"type": "sk", "kernel_sizes": [3] * 1000}, "kernel_sizes"),
+])
+def test_11_a_huge_field_is_a_spec_error_naming_the_insert_and_the_field(block, field) -> None:
+    start = time.monotonic()
+    with pytest.raises(attnzoo.SpecError) as err:
+        attnzoo.create_model(_tiny_spec([{"block": block, "at": {"path": "stages.*.*"}}]))
+    assert time.monotonic() - start < 10
+    assert re.search(rf"insert\[0\]\.block\.{block['type']}\.{field}\b", str(err.value)), \
+        str(err.value)
+
+
+def test_11_an_allocation_failure_while_building_is_a_spec_error(monkeypatch) -> None:
+    spec = _tiny_spec([{"block": {"type": "fca", "reduction": 4}, "at": {"path": "stages.*.*"}}],
+                      input_size=(1, 65536, 65536))  # the DCT bases of a 65536 x 65536 map
+    with pytest.raises(attnzoo.SpecError, match=r"insert\[0\] \(fca\): at stages\.0\.0 .*"
+                       r"65536x65536.*ran out of memory.*reduction=4"):
+        attnzoo.create_model(spec)
+    with pytest.raises(attnzoo.SpecError, match="'se' block ran out of memory.*reduction=0.0625"):
+        attnzoo.create_block("se", 10**7, reduction=0.0625)
+
+
+def test_11_the_number_of_sites_per_spec_is_capped(monkeypatch) -> None:
+    text = "name: many\nbackbone: {source: attnzoo, name: tiny_cnn, args: {in_chans: 1}}\n" \
+           "input_size: [1, 8, 8]\ninsert:\n- &se {block: {type: se}, at: {path: stem}}\n" \
+           + "- *se\n" * 10_000  # ~90k YAML nodes: under the YAML cap
+    start = time.monotonic()
+    with pytest.raises(attnzoo.SpecError, match=rf"more than 1024 sites.*\${SITES_ENV}"):
+        attnzoo.create_model(text)
+    assert time.monotonic() - start < 20
+    monkeypatch.setenv(SITES_ENV, "3")
+    insert = [{"block": {"type": "se"}, "at": {"path": "stages.*.*"}}] * 2  # 2 x 2 sites
+    with pytest.raises(attnzoo.SpecError, match=r"insert\[1\] \(se\): the inserts resolve to "
+                       r"more than 3 sites \(4 after this one\)"):
+        attnzoo.create_model(_tiny_spec(insert))
+    monkeypatch.setenv(SITES_ENV, "4")
+    assert len(attnzoo.create_model(_tiny_spec(insert)).attnzoo_blocks) == 4
+
+
 # ------------------------------------------------------------------ 12. batch 1 in training
 
 

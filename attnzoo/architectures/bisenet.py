@@ -86,9 +86,10 @@ class FFMConfig(BlockConfig):
     """Feature Fusion Module (BiSeNet), https://arxiv.org/abs/1808.00897"""
 
     type: Literal["ffm"]
-    reduction: float = Field(1, gt=0, description="Reduction of the SE-like reweighting "
+    reduction: float = Field(1, ge=0.0625, le=1024,
+                             description="Reduction of the SE-like reweighting "
                              "(1 in the authors' ResNet-18 code).")
-    kernel_size: int = Field(1, ge=1, description="Kernel of the fusing conv-BN-ReLU "
+    kernel_size: int = Field(1, ge=1, le=7, description="Kernel of the fusing conv-BN-ReLU "
                              "(1x1 in the authors' code).")
 
     module = FeatureFusion

@@ -19,7 +19,7 @@ addition, and the decoder is 256 channels wide.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import timm
 import torch
@@ -94,10 +94,11 @@ class FPAConfig(BlockConfig):
     """Feature Pyramid Attention (PAN), https://arxiv.org/abs/1805.10180"""
 
     type: Literal["fpa"]
-    pyramid_channels: int = Field(1, ge=1, description="Width of the pyramid: 1 = a "
+    pyramid_channels: int = Field(1, ge=1, le=4096, description="Width of the pyramid: 1 = a "
                                   "pixel-level attention map, or the output width.")
-    kernels: tuple[int, ...] = Field((7, 5, 3), min_length=1, description="Kernel of each "
-                                     "pyramid level, finest first (the paper: 7, 5, 3).")
+    kernels: tuple[Annotated[int, Field(ge=1, le=31)], ...] = Field(
+        (7, 5, 3), min_length=1, max_length=8, description="Kernel of each pyramid level, "
+        "finest first (the paper: 7, 5, 3).")
     downsample: Literal["avg", "max", "conv"] = Field(
         "avg", description="How each pyramid level halves the map: 2x2 average pooling "
         "(the paper's FPA), 2x2 max pooling (the other pooling of its ablation), or a "

@@ -155,15 +155,18 @@ class ResidualAttentionConfig(BlockConfig):
     """Residual Attention Network's attention module, https://arxiv.org/abs/1704.06904"""
 
     type: Literal["residual_attention"]
-    p: int = Field(1, ge=0, description="Pre-processing units before the split (and "
+    p: int = Field(1, ge=0, le=8, description="Pre-processing units before the split (and "
                    "post-processing units after the fusion).")
-    t: int = Field(2, ge=0, description="Residual units in the trunk branch.")
-    r: int = Field(1, ge=1, description="Residual units between adjacent poolings of the mask "
+    t: int = Field(2, ge=0, le=8, description="Residual units in the trunk branch.")
+    r: int = Field(1, ge=1, le=8,
+                   description="Residual units between adjacent poolings of the mask "
                    "branch (2r at its lowest resolution).")
     depth: int | None = Field(
-        None, ge=0, description="Max-poolings in the soft mask branch; unset: as many as keep "
+        None, ge=0, le=8,
+        description="Max-poolings in the soft mask branch; unset: as many as keep "
         "the map at least `min_size` (3/2/1 at 56/28/14, as the paper at 224 input).")
-    min_size: int = Field(7, ge=1, description="Lowest mask resolution when `depth` is unset.")
+    min_size: int = Field(7, ge=1, le=1024,
+                          description="Lowest mask resolution when `depth` is unset.")
 
     module = ResidualAttentionModule
 

@@ -100,7 +100,7 @@ class STDCConfig(BlockConfig):
     """Short-Term Dense Concatenate module (STDC), https://arxiv.org/abs/2104.13188"""
 
     type: Literal["stdc"]
-    num_convs: int = Field(4, ge=2, description="Conv-BN-ReLU blocks in the chain; their "
+    num_convs: int = Field(4, ge=2, le=16, description="Conv-BN-ReLU blocks in the chain; their "
                            "outputs (out/2, out/4, ..., the last two equal) are concatenated.")
 
     module = STDCModule

@@ -65,11 +65,12 @@ class BAMConfig(BlockConfig):
     stage, where the network downsamples)."""
 
     type: Literal["bam"]
-    reduction: float = Field(16, gt=0, description="Reduction ratio r of both branches "
+    reduction: float = Field(16, ge=0.0625, le=1024,
+                             description="Reduction ratio r of both branches "
                              "(the paper's 16).")
-    dilation: int = Field(4, ge=1, description="Dilation d of the spatial branch's 3x3 "
+    dilation: int = Field(4, ge=1, le=64, description="Dilation d of the spatial branch's 3x3 "
                           "convs (the paper's 4).")
-    num_dilated: int = Field(2, ge=0, description="Dilated 3x3 convs in the spatial branch "
+    num_dilated: int = Field(2, ge=0, le=8, description="Dilated 3x3 convs in the spatial branch "
                              "(the paper's 2).")
     combine: Literal["sum", "product"] = Field(
         "sum", description="How the branches combine before the sigmoid: sum (the paper's "

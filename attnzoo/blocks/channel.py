@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import torch
 from pydantic import Field, field_validator
@@ -41,9 +41,11 @@ class SEConfig(BlockConfig):
     """Squeeze-and-Excitation, https://arxiv.org/abs/1709.01507"""
 
     type: Literal["se"]
-    reduction: float = Field(16, gt=0, description="Reduction ratio r of the bottleneck FC.")
-    min_channels: int = Field(1, ge=1, description="Lower bound on the hidden width C/r.")
-    divisor: int = Field(1, ge=1, description="Round C/r to a multiple of this (timm uses 8).")
+    reduction: float = Field(16, ge=0.0625, le=1024,
+                             description="Reduction ratio r of the bottleneck FC.")
+    min_channels: int = Field(1, ge=1, le=4096, description="Lower bound on the hidden width C/r.")
+    divisor: int = Field(1, ge=1, le=256,
+                         description="Round C/r to a multiple of this (timm uses 8).")
 
     module = SqueezeExcite
 
@@ -78,10 +80,11 @@ class ECAConfig(BlockConfig):
     """Efficient Channel Attention, https://arxiv.org/abs/1910.03151"""
 
     type: Literal["eca"]
-    gamma: float = Field(2, gt=0, description="gamma of the kernel-size formula.")
-    b: float = Field(1, description="b of the kernel-size formula.")
+    gamma: float = Field(2, gt=0, le=64, description="gamma of the kernel-size formula.")
+    b: float = Field(1, ge=-64, le=64, description="b of the kernel-size formula.")
     kernel_size: int | None = Field(
-        None, ge=1, description="Fixed odd kernel size; derived from C by the formula if unset."
+        None, ge=1, le=31,
+        description="Fixed odd kernel size; derived from C by the formula if unset."
     )
 
     module = EfficientChannelAttention
@@ -168,15 +171,17 @@ class SKConfig(BlockConfig):
     """
 
     type: Literal["sk"]
-    kernel_sizes: tuple[int, ...] = Field(
-        (3, 5), description="Kernel size of each branch (M = number of branches); the "
+    kernel_sizes: tuple[Annotated[int, Field(ge=1, le=31)], ...] = Field(
+        (3, 5), min_length=1, max_length=8,
+        description="Kernel size of each branch (M = number of branches); the "
         "paper's M=2: 3x3 and 5x5.")
     dilate: bool = Field(True, description="Realise a kxk branch as a 3x3 conv with "
                          "dilation (k-1)/2, as the paper does for 5x5.")
-    groups: int = Field(32, ge=1, description="Groups G of each branch conv (the paper's "
+    groups: int = Field(32, ge=1, le=1024, description="Groups G of each branch conv (the paper's "
                         "cardinality, 32 in SKNet-50).")
-    reduction: float = Field(16, gt=0, description="Reduction ratio r: d = max(C/r, L).")
-    min_channels: int = Field(32, ge=1, description="Lower bound L on the width d of z.")
+    reduction: float = Field(16, ge=0.0625, le=1024,
+                             description="Reduction ratio r: d = max(C/r, L).")
+    min_channels: int = Field(32, ge=1, le=4096, description="Lower bound L on the width d of z.")
     split_input: bool = Field(False, description="Give each branch 1/M of the input "
                               "channels (timm's SK-ResNets) instead of all of them (paper).")
 
@@ -245,7 +250,7 @@ class GCTConfig(BlockConfig):
     """Gated Channel Transformation, https://arxiv.org/abs/1909.11519"""
 
     type: Literal["gct"]
-    epsilon: float = Field(1e-5, gt=0, description="Small constant inside the norms.")
+    epsilon: float = Field(1e-5, gt=0, le=1, description="Small constant inside the norms.")
     mode: Literal["l2", "l1"] = Field("l2", description="Norm of the embedding and of "
                                       "the channel normalisation (the paper's default: l2).")
 
@@ -298,11 +303,11 @@ class GSoPConfig(BlockConfig):
     """Global Second-order Pooling block (GSoP-Net1), https://arxiv.org/abs/1811.12006"""
 
     type: Literal["gsop"]
-    reduced_channels: int = Field(128, ge=1, description="Channels d after the 1x1 "
+    reduced_channels: int = Field(128, ge=1, le=4096, description="Channels d after the 1x1 "
                                   "reduction: the covariance is d x d.")
-    reduce_stride: int = Field(1, ge=1, description="Stride of the 1x1 reduction (the "
+    reduce_stride: int = Field(1, ge=1, le=16, description="Stride of the 1x1 reduction (the "
                                "authors' code uses 2 in the first stage of ResNet-50).")
-    row_expansion: int = Field(4, ge=1, description="Outputs of the row-wise conv per "
+    row_expansion: int = Field(4, ge=1, le=64, description="Outputs of the row-wise conv per "
                                "covariance row (4d in all).")
     row_act: Literal["none", "leaky_relu"] = Field(
         "none", description="Activation after the row-wise conv: none, as the authors' "
@@ -419,11 +424,13 @@ class FcaConfig(BlockConfig):
     """FcaNet multi-spectral channel attention, https://arxiv.org/abs/2012.11879"""
 
     type: Literal["fca"]
-    reduction: float = Field(16, gt=0, description="Reduction ratio r of the FC bottleneck.")
+    reduction: float = Field(16, ge=0.0625, le=1024,
+                             description="Reduction ratio r of the FC bottleneck.")
     frequencies: FcaSelection = Field(
         "top16", description="Frequency selection: top|bot|low followed by 1, 2, 4, 8, 16 "
         "or 32 (the paper's best: top16).")
-    dct_size: tuple[int, int] | None = Field(
+    dct_size: tuple[Annotated[int, Field(ge=1, le=256)],
+                    Annotated[int, Field(ge=1, le=256)]] | None = Field(
         None, description="(H, W) of the DCT bases; the feature map's size at the site, as "
         "the builder probes it at the model's input size, when unset.")
 

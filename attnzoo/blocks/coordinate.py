@@ -56,9 +56,10 @@ class CoordinateAttentionConfig(BlockConfig):
     """Coordinate Attention, https://arxiv.org/abs/2103.02907"""
 
     type: Literal["coordinate_attention"]
-    reduction: float = Field(32, gt=0, description="Reduction ratio r of the shared 1x1 "
+    reduction: float = Field(32, ge=0.0625, le=1024,
+                             description="Reduction ratio r of the shared 1x1 "
                              "conv: max(min_channels, C / r) channels (the authors' 32).")
-    min_channels: int = Field(8, ge=1, description="Lower bound on the hidden width (the "
+    min_channels: int = Field(8, ge=1, le=4096, description="Lower bound on the hidden width (the "
                               "authors' 8).")
     activation: Literal["hard_swish", "relu", "silu"] = Field(
         "hard_swish", description="Non-linearity after the shared conv and BN (the authors' "

@@ -98,15 +98,17 @@ class ContextualTransformerConfig(BlockConfig):
     """
 
     type: Literal["contextual_transformer"]
-    kernel_size: int = Field(3, ge=1, description="Odd side K of the local context (3).")
-    key_groups: int = Field(4, ge=1, description="Groups of the key conv (the authors' 4).")
-    share: int = Field(8, ge=1, description="Channels sharing one set of aggregation "
+    kernel_size: int = Field(3, ge=1, le=15, description="Odd side K of the local context (3).")
+    key_groups: int = Field(4, ge=1, le=64, description="Groups of the key conv (the authors' 4).")
+    share: int = Field(8, ge=1, le=64, description="Channels sharing one set of aggregation "
                        "weights (the authors' share_planes 8).")
-    factor: int = Field(2, ge=1, description="The attention embedding has C / factor "
+    factor: int = Field(2, ge=1, le=16, description="The attention embedding has C / factor "
                         "channels (2).")
-    reduction: float = Field(4, gt=0, description="Fusion attention width: 2C / reduction "
+    reduction: float = Field(4, ge=0.0625, le=1024,
+                             description="Fusion attention width: 2C / reduction "
                              "(the authors' reduction factor 4).")
-    min_channels: int = Field(32, ge=1, description="Lower bound on the fusion width (32).")
+    min_channels: int = Field(32, ge=1, le=4096,
+                              description="Lower bound on the fusion width (32).")
 
     module = ContextualTransformer
 

@@ -57,7 +57,7 @@ class PositionAttentionConfig(BlockConfig):
     """DANet position attention module (PAM), https://arxiv.org/abs/1809.02983"""
 
     type: Literal["danet_position"]
-    reduction: float = Field(8, gt=0, description="Query and key have C / reduction "
+    reduction: float = Field(8, ge=0.0625, le=1024, description="Query and key have C / reduction "
                              "channels (the authors' 8).")
 
     module = PositionAttention

@@ -52,7 +52,7 @@ class ExternalAttentionConfig(BlockConfig):
     """External Attention, https://arxiv.org/abs/2105.02358"""
 
     type: Literal["external_attention"]
-    memory_units: int = Field(64, ge=1, description="Units S of the two memories (the "
+    memory_units: int = Field(64, ge=1, le=4096, description="Units S of the two memories (the "
                               "paper's 64).")
     final_relu: bool = Field(True, description="ReLU after the residual add, as the "
                              "authors' EANet code (the paper's algorithm ends at the add).")

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -113,18 +113,20 @@ class GatherExciteConfig(BlockConfig):
     extent, as in the paper's best ResNet-50)."""
 
     type: Literal["gather_excite"]
-    extent: int = Field(0, ge=0, description="Gather extent e: 0 = the whole map (global), "
+    extent: int = Field(0, ge=0, le=64, description="Gather extent e: 0 = the whole map (global), "
                         "else a power of two (2, 4, 8; the paper's E2, E4, E8).")
     extra_params: bool = Field(True, description="Parametric gather, depthwise convs "
                                "(GE-theta); False: average pooling (GE-theta-minus).")
     mlp: bool = Field(True, description="Excite through SE's bottleneck MLP (GE-theta+); "
                       "False: a sigmoid of the context itself.")
-    reduction: float = Field(16, gt=0, description="Reduction ratio r of the excite MLP.")
+    reduction: float = Field(16, ge=0.0625, le=1024,
+                             description="Reduction ratio r of the excite MLP.")
     global_padding: Literal["valid", "same"] = Field(
         "valid", description="Global extent with parameters: the depthwise kernel covers "
         "the map and gathers one value per channel (valid, the paper), or pads to keep the "
         "map size (same, timm's GatherExcite).")
-    size: tuple[int, int] | None = Field(
+    size: tuple[Annotated[int, Field(ge=1, le=1024)],
+                Annotated[int, Field(ge=1, le=1024)]] | None = Field(
         None, description="(H, W) of the global depthwise kernel; the map's size at the "
         "site (as the builder probes it) when unset.")
 

@@ -169,21 +169,22 @@ class GeneralizedAttentionConfig(BlockConfig):
     """Generalized attention (mmcv's plugin), https://arxiv.org/abs/1904.05873"""
 
     type: Literal["generalized_attention"]
-    num_heads: int = Field(8, ge=1, description="Heads (mmdet's configs for the paper: 8; "
+    num_heads: int = Field(8, ge=1, le=128, description="Heads (mmdet's configs for the paper: 8; "
                            "mmcv's class default is 9).")
     attention_type: str = Field(
         "1111", min_length=4, max_length=4, description="Four 0/1 flags for the terms: "
         "query-key content, query content-relative position, key content only, relative "
         "position only (the paper's full model: 1111; its best detector trade-off: 0010).")
-    kv_stride: int = Field(2, ge=1, description="Subsampling of keys and values (mmcv: 2).")
-    q_stride: int = Field(1, ge=1, description="Subsampling of queries; the output is "
+    kv_stride: int = Field(2, ge=1, le=16, description="Subsampling of keys and values (mmcv: 2).")
+    q_stride: int = Field(1, ge=1, le=16, description="Subsampling of queries; the output is "
                           "upsampled back (mmcv: 1).")
-    spatial_range: int = Field(-1, ge=-1, description="Keys within this many positions of "
+    spatial_range: int = Field(-1, ge=-1, le=1024, description="Keys within this many positions of "
                                "the query only; -1: all positions (mmcv's default).")
     position_embedding_dim: int | None = Field(
-        None, ge=4, description="Width of the sinusoidal position embedding (a multiple of "
+        None, ge=4, le=4096,
+        description="Width of the sinusoidal position embedding (a multiple of "
         "4); the channel count when unset.")
-    position_magnitude: float = Field(1.0, gt=0, description="Multiplier of the position "
+    position_magnitude: float = Field(1.0, gt=0, le=1000, description="Multiplier of the position "
                                       "offsets before the embedding.")
 
     module = GeneralizedAttention

@@ -85,7 +85,7 @@ class ShuffleAttentionConfig(BlockConfig):
     """Shuffle Attention (SA-Net), https://arxiv.org/abs/2102.00240"""
 
     type: Literal["shuffle_attention"]
-    groups: int = Field(64, ge=1, description="Groups G (the paper's 64); C must be a "
+    groups: int = Field(64, ge=1, le=1024, description="Groups G (the paper's 64); C must be a "
                         "multiple of 2G, else the largest fitting G' < G is used.")
 
     module = ShuffleAttention
@@ -129,9 +129,9 @@ class SpatialGroupEnhanceConfig(BlockConfig):
     """Spatial Group-wise Enhance (SGE), https://arxiv.org/abs/1905.09646"""
 
     type: Literal["spatial_group_enhance"]
-    groups: int = Field(64, ge=1, description="Groups G (the paper's 64); C must be a "
+    groups: int = Field(64, ge=1, le=1024, description="Groups G (the paper's 64); C must be a "
                         "multiple of G, else the largest fitting G' < G is used.")
-    epsilon: float = Field(1e-5, gt=0, description="Added to the std before dividing.")
+    epsilon: float = Field(1e-5, gt=0, le=1, description="Added to the std before dividing.")
 
     module = SpatialGroupEnhance
 
@@ -181,7 +181,8 @@ class EfficientMultiScaleAttentionConfig(BlockConfig):
     """Efficient Multi-Scale Attention (EMA), https://arxiv.org/abs/2305.13563"""
 
     type: Literal["efficient_multiscale_attention"]
-    groups: int = Field(32, ge=1, description="Groups G, the authors' factor 32; C must be "
+    groups: int = Field(32, ge=1, le=1024,
+                        description="Groups G, the authors' factor 32; C must be "
                         "a multiple of G, else the largest fitting G' < G is used.")
 
     module = EfficientMultiScaleAttention

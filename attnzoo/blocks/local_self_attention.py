@@ -173,14 +173,14 @@ class HaloAttentionConfig(BlockConfig):
     Meant to ``replace`` a 3x3 conv, whose stride it takes."""
 
     type: Literal["halo_attention"]
-    num_heads: int = Field(8, ge=1, description="Attention heads (HaloNet: 8).")
-    dim_head: int | None = Field(None, ge=1, description="Query/key width per head; "
+    num_heads: int = Field(8, ge=1, le=128, description="Attention heads (HaloNet: 8).")
+    dim_head: int | None = Field(None, ge=1, le=1024, description="Query/key width per head; "
                                  "out_channels * qk_ratio / num_heads when unset.")
-    block_size: int = Field(8, ge=1, description="Side b of the query blocks (HaloNet: 8); "
+    block_size: int = Field(8, ge=1, le=128, description="Side b of the query blocks (HaloNet: 8); "
                             "other map sides are padded with zero keys up to a multiple.")
-    halo_size: int = Field(3, ge=0, description="Halo h around each block (HaloNet: 3): "
+    halo_size: int = Field(3, ge=0, le=64, description="Halo h around each block (HaloNet: 3): "
                            "windows of b + 2h.")
-    qk_ratio: float = Field(1.0, gt=0, description="Query/key width relative to the "
+    qk_ratio: float = Field(1.0, gt=0, le=16, description="Query/key width relative to the "
                             "output width when dim_head is unset.")
     qkv_bias: bool = Field(False, description="Biases in the q and kv projections.")
     avg_down: bool = Field(False, description="With stride 2: a 2x2 average pool after "
@@ -283,13 +283,13 @@ class LambdaLayerConfig(BlockConfig):
     ``LambdaLayer``). Meant to ``replace`` a 3x3 conv, whose stride it takes."""
 
     type: Literal["lambda_layer"]
-    num_heads: int = Field(4, ge=1, description="Query heads |h| (the paper's 4).")
-    dim_head: int | None = Field(16, ge=1, description="Query/key depth |k| (the paper's "
+    num_heads: int = Field(4, ge=1, le=128, description="Query heads |h| (the paper's 4).")
+    dim_head: int | None = Field(16, ge=1, le=1024, description="Query/key depth |k| (the paper's "
                                  "16); from qk_ratio when unset.")
-    r: int | None = Field(23, ge=1, description="Side of the lambda convolution's scope "
+    r: int | None = Field(23, ge=1, le=127, description="Side of the lambda convolution's scope "
                           "(odd; the paper's ImageNet ResNets: 23, timm's default 9); unset: "
                           "relative position embeddings over the whole (fixed-size) map.")
-    qk_ratio: float = Field(1.0, gt=0, description="Query/key width relative to the output "
+    qk_ratio: float = Field(1.0, gt=0, le=16, description="Query/key width relative to the output "
                             "width when dim_head is unset.")
     qkv_bias: bool = Field(False, description="Bias in the qkv projection.")
 

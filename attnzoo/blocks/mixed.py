@@ -88,8 +88,9 @@ class CBAMConfig(BlockConfig):
     """Convolutional Block Attention Module, https://arxiv.org/abs/1807.06521"""
 
     type: Literal["cbam"]
-    reduction: float = Field(16, gt=0, description="Reduction ratio r of the channel MLP.")
-    spatial_kernel: int = Field(7, ge=1, description="Odd kernel size of the spatial conv.")
+    reduction: float = Field(16, ge=0.0625, le=1024,
+                             description="Reduction ratio r of the channel MLP.")
+    spatial_kernel: int = Field(7, ge=1, le=31, description="Odd kernel size of the spatial conv.")
     mlp_bias: bool = Field(True, description="Biases in the channel MLP (the paper's "
                            "reference code has them; timm's CbamModule does not).")
     pool_order: Literal["max_mean", "mean_max"] = Field(
@@ -133,6 +134,7 @@ class SimAMConfig(BlockConfig):
     """SimAM, a parameter-free attention module, https://proceedings.mlr.press/v139/yang21o.html"""
 
     type: Literal["simam"]
-    e_lambda: float = Field(1e-4, gt=0, description="Regulariser lambda of the energy function.")
+    e_lambda: float = Field(1e-4, gt=0, le=10,
+                            description="Regulariser lambda of the energy function.")
 
     module = SimAM

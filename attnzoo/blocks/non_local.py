@@ -68,7 +68,8 @@ class GlobalContextConfig(BlockConfig):
     """Global Context block (GCNet), https://arxiv.org/abs/1904.11492"""
 
     type: Literal["global_context"]
-    reduction: float = Field(16, gt=0, description="Bottleneck ratio r of the transform.")
+    reduction: float = Field(16, ge=0.0625, le=1024,
+                             description="Bottleneck ratio r of the transform.")
 
     module = GlobalContext
     residual = True
@@ -148,7 +149,8 @@ class NonLocalConfig(BlockConfig):
     """Non-local block (embedded Gaussian), https://arxiv.org/abs/1711.07971"""
 
     type: Literal["non_local"]
-    reduction: float = Field(2, gt=0, description="theta, phi and g map C to C / reduction "
+    reduction: float = Field(2, ge=0.0625, le=1024,
+                             description="theta, phi and g map C to C / reduction "
                              "channels (the paper's bottleneck: half of C).")
     subsample: bool = Field(True, description="2x2 max-pool (floor mode) of the keys and "
                             "values (the paper's subsampling trick).")
@@ -258,9 +260,10 @@ class DisentangledNonLocalConfig(BlockConfig):
     """Disentangled Non-Local block, https://arxiv.org/abs/2006.06668"""
 
     type: Literal["disentangled_non_local"]
-    reduction: float = Field(2, gt=0, description="Query and key have C / reduction "
+    reduction: float = Field(2, ge=0.0625, le=1024, description="Query and key have C / reduction "
                              "channels (and the values, in the mmseg variant).")
-    temperature: float = Field(0.05, gt=0, description="Temperature of the pairwise softmax "
+    temperature: float = Field(0.05, gt=0, le=100,
+                               description="Temperature of the pairwise softmax "
                                "(the authors' 0.05).")
     scaled: bool = Field(True, description="Also divide the pairwise logits by "
                          "sqrt(C / reduction), as the authors' code does.")
@@ -356,8 +359,9 @@ class CrissCrossConfig(BlockConfig):
     """Criss-cross attention (CCNet), https://arxiv.org/abs/1811.11721"""
 
     type: Literal["criss_cross"]
-    reduction: float = Field(8, gt=0, description="Query and key have C / reduction channels.")
-    recurrence: int = Field(2, ge=1, description="Passes R with shared weights (R = 2 "
+    reduction: float = Field(8, ge=0.0625, le=1024,
+                             description="Query and key have C / reduction channels.")
+    recurrence: int = Field(2, ge=1, le=8, description="Passes R with shared weights (R = 2 "
                             "reaches every position).")
 
     module = CrissCrossAttention
@@ -408,9 +412,9 @@ class DoubleAttentionConfig(BlockConfig):
     """Double attention (A^2-Nets), https://arxiv.org/abs/1810.11579"""
 
     type: Literal["double_attention"]
-    c_m: int | None = Field(None, ge=1, description="Channels m of the gathered features "
+    c_m: int | None = Field(None, ge=1, le=8192, description="Channels m of the gathered features "
                             "(C/2 when unset).")
-    c_n: int | None = Field(None, ge=1, description="Number n of attention maps / global "
+    c_n: int | None = Field(None, ge=1, le=8192, description="Number n of attention maps / global "
                             "descriptors (C/2 when unset).")
 
     module = DoubleAttention

@@ -58,7 +58,7 @@ class SCSEConfig(BlockConfig):
     https://arxiv.org/abs/1803.02579"""
 
     type: Literal["scse"]
-    reduction: float = Field(2, gt=0, description="Reduction ratio r of the channel "
+    reduction: float = Field(2, ge=0.0625, le=1024, description="Reduction ratio r of the channel "
                              "branch (the paper's 2).")
     combine: Literal["add", "max", "mul"] = Field(
         "add", description="How the two recalibrated maps combine: add (the paper), max "

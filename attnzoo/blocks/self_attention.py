@@ -180,10 +180,10 @@ class OutlookConfig(BlockConfig):
     """Outlook attention (VOLO), https://arxiv.org/abs/2106.13112"""
 
     type: Literal["outlook"]
-    num_heads: int = Field(6, ge=1, description="Heads (VOLO-D1's first stage: 6).")
-    kernel_size: int = Field(3, ge=1, description="Side K of the local window.")
-    padding: int = Field(1, ge=0, description="Padding of unfold/fold.")
-    stride: int = Field(2, ge=1, description="Stride of the window centres (VOLO: 2).")
+    num_heads: int = Field(6, ge=1, le=128, description="Heads (VOLO-D1's first stage: 6).")
+    kernel_size: int = Field(3, ge=1, le=15, description="Side K of the local window.")
+    padding: int = Field(1, ge=0, le=7, description="Padding of unfold/fold.")
+    stride: int = Field(2, ge=1, le=8, description="Stride of the window centres (VOLO: 2).")
     qkv_bias: bool = Field(False, description="Bias in the value projection.")
     channels_last: bool = Field(
         False, description="The block's input and output are NHWC (as inside VOLO's "
@@ -313,8 +313,8 @@ class MHSA2dConfig(BlockConfig):
     https://arxiv.org/abs/2101.11605"""
 
     type: Literal["mhsa2d"]
-    num_heads: int = Field(4, ge=1, description="Attention heads (BoTNet: 4).")
-    dim_head: int | None = Field(None, ge=1, description="Query/key width per head; "
+    num_heads: int = Field(4, ge=1, le=128, description="Attention heads (BoTNet: 4).")
+    dim_head: int | None = Field(None, ge=1, le=1024, description="Query/key width per head; "
                                  "out_channels / num_heads when unset.")
     qkv_bias: bool = Field(False, description="Bias in the q, k, v projection.")
     variant: Literal["timm", "released"] = Field(

@@ -256,13 +256,13 @@ class AttentionConfig(BlockConfig):
         "Learn W_Q, W_K, W_V (the key-value model, Q = W_Q X, K = W_K X, V = W_V X) and an "
         "output projection back to the input channels; false: the inputs are the keys and "
         "values and the query is used as it is."))
-    dim: int | None = Field(None, ge=1, description=(
+    dim: int | None = Field(None, ge=1, le=16384, description=(
         "Width of the projected queries, keys and values; the input channels when unset."))
-    key_channels: int | None = Field(None, ge=1, description=(
+    key_channels: int | None = Field(None, ge=1, le=16384, description=(
         "Channels of a separate key input (cross-attention); the query's when unset."))
-    value_channels: int | None = Field(None, ge=1, description=(
+    value_channels: int | None = Field(None, ge=1, le=16384, description=(
         "Channels of a separate value input; the key's when unset."))
-    score_dim: int | None = Field(None, ge=1, description=(
+    score_dim: int | None = Field(None, ge=1, le=16384, description=(
         "Hidden width of the additive score (rows of W and U); the query width when unset."))
 
     module = QueryKeyValueAttention
@@ -435,7 +435,7 @@ class MultiHeadAttentionConfig(BlockConfig):
     parameter names."""
 
     type: Literal["multi_head_attention"]
-    num_heads: int | None = Field(None, ge=1, description=(
+    num_heads: int | None = Field(None, ge=1, le=128, description=(
         "Attention heads; the replaced attention's when unset, else 8 (Vaswani et al.)."))
     qkv_bias: bool | None = Field(None, description=(
         "Bias in the query/key/value projection; the replaced attention's, else true."))

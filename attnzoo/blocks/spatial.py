@@ -95,13 +95,14 @@ class STNConfig(BlockConfig):
 
     type: Literal["stn"]
     loc_resolution: int | None = Field(
-        None, ge=4, multiple_of=4, description="Side the input is resized to before the "
+        None, ge=4, le=1024, multiple_of=4, description="Side the input is resized to before the "
         "localisation net, which keeps its cost fixed and lets it take any input size (an "
         "attnzoo option). Unset: the localisation net sees the input as it is and is sized "
         "for the site's (H, W), as in the paper and the common implementations.")
-    hidden_channels: int = Field(32, ge=1, description="Filters of the localisation convs.")
-    kernel_size: int = Field(5, ge=1, description="Kernel of the localisation convs.")
-    fc_units: int = Field(32, ge=1, description="Units of the two fully connected layers.")
+    hidden_channels: int = Field(32, ge=1, le=4096,
+                                 description="Filters of the localisation convs.")
+    kernel_size: int = Field(5, ge=1, le=31, description="Kernel of the localisation convs.")
+    fc_units: int = Field(32, ge=1, le=4096, description="Units of the two fully connected layers.")
 
     module = SpatialTransformer
 
@@ -155,10 +156,10 @@ class ReverseConfig(BlockConfig):
     """Reverse attention (RAS), https://arxiv.org/abs/1807.09940"""
 
     type: Literal["reverse"]
-    hidden_channels: int = Field(64, ge=1, description="Width of the side-output convs.")
-    num_convs: int = Field(2, ge=0, description="3x3 conv + ReLU layers between the 1x1 "
+    hidden_channels: int = Field(64, ge=1, le=4096, description="Width of the side-output convs.")
+    num_convs: int = Field(2, ge=0, le=16, description="3x3 conv + ReLU layers between the 1x1 "
                            "conv and the output conv (2 in the paper; 3 in its ResNet port).")
-    kernel_size: int = Field(3, ge=1, description="Kernel of the side-output convs (odd).")
+    kernel_size: int = Field(3, ge=1, le=31, description="Kernel of the side-output convs (odd).")
 
     module = ReverseAttention
 

@@ -81,13 +81,15 @@ class SplitAttentionConfig(BlockConfig):
     """
 
     type: Literal["split_attention"]
-    radix: int = Field(2, ge=1, description="Splits R per cardinal group (ResNeSt-50: 2).")
-    reduction: float = Field(4, gt=0, description="fc1 width: C_in * R / reduction (the "
+    radix: int = Field(2, ge=1, le=16, description="Splits R per cardinal group (ResNeSt-50: 2).")
+    reduction: float = Field(4, ge=0.0625, le=1024,
+                             description="fc1 width: C_in * R / reduction (the "
                              "authors' reduction factor 4).")
-    min_channels: int = Field(32, ge=1, description="Lower bound on fc1's width (32).")
-    groups: int | None = Field(None, ge=1, description="Cardinality K; the replaced conv's "
+    min_channels: int = Field(32, ge=1, le=4096, description="Lower bound on fc1's width (32).")
+    groups: int | None = Field(None, ge=1, le=1024,
+                               description="Cardinality K; the replaced conv's "
                                "groups when unset (1 elsewhere).")
-    kernel_size: int = Field(3, ge=1, description="Odd kernel of the split conv.")
+    kernel_size: int = Field(3, ge=1, le=15, description="Odd kernel of the split conv.")
 
     module = SplitAttention
 

@@ -70,7 +70,7 @@ class TripletAttentionConfig(BlockConfig):
     """Triplet Attention, https://arxiv.org/abs/2010.03045"""
 
     type: Literal["triplet_attention"]
-    kernel_size: int = Field(7, ge=1, description="Odd kernel of each branch's conv (the "
+    kernel_size: int = Field(7, ge=1, le=31, description="Odd kernel of each branch's conv (the "
                              "paper's main models: 7; it also reports 3).")
     spatial: bool = Field(True, description="Keep the third (H x W) branch; False is the "
                           "authors' no_spatial variant (two branches).")
