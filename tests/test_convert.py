@@ -16,7 +16,6 @@ from tests._helpers.modules import live_batchnorm_
 
 @pytest.mark.parametrize("name, peer_name, peer_args", [
     ("resnet50_se", "seresnet50", {}),
-    ("resnet50_eca", "resnet50", {"block_args": {"attn_layer": "eca"}}),
     ("resnet50_cbam", "resnet50", {"block_args": {"attn_layer": "cbam"}}),
 ])
 def test_from_timm_loads_strictly_with_equal_outputs(name, peer_name, peer_args):

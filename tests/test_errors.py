@@ -54,7 +54,8 @@ def test_every_problem_is_listed_with_its_own_line(tmp_path):
     msg = spec_error(path)
     assert "(3 problem(s))" in msg
     assert re.search(r"^  name \(line 1\): String should match pattern", msg, re.M)
-    assert re.search(r"^  backbone\.source \(line 4\): Input should be 'timm', 'attnzoo' or 'torchvision'",
+    assert re.search(r"^  backbone\.source \(line 4\): Input should be 'timm', 'attnzoo' or "
+                     r"'torchvision'",
                      msg, re.M)
     assert re.search(r"^  num_classes \(line 5\): Input should be greater than or equal to 0",
                      msg, re.M)

@@ -15,7 +15,7 @@ X = torch.randn(2, 64, 9, 7)
 
 
 def test_cbam_equals_timm_without_mlp_bias():
-    ours = attnzoo.create_block("cbam", 64, mlp_bias=False).eval()
+    ours = attnzoo.create_block("cbam", 64, mlp_bias=False, pool_order="mean_max").eval()
     peer = CbamModule(64, rd_ratio=1 / 16).eval()
     copy_by_order(ours, peer)
     torch.testing.assert_close(ours(X), peer(X))
