@@ -21,10 +21,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Elements of one chunk of position logits (a float32 chunk of 32 MiB): attention with
-# relative positions adds a (queries x keys) mask to the logits, and forming it for all
-# queries at once would hold a tensor as large as the logits themselves.
-MASK_CHUNK_ELEMENTS = 1 << 23
+# Elements of one chunk of position logits (64 MiB in float32): attention with relative
+# positions adds a (queries x keys) mask to the logits, and forming it for all queries at
+# once would hold a tensor as large as the logits themselves. Not smaller: glibc serves
+# blocks under 32 MiB (its largest mmap threshold) from the heap, where a run of masks
+# interleaved with the kept outputs fragments it and the process keeps growing (1.3 GiB
+# at 96x96 with 16 MiB chunks, 0.24 GiB with 64 MiB ones); a larger block is its own
+# mmap, returned on free.
+MASK_CHUNK_ELEMENTS = 1 << 24
 
 
 def _weight_and_bias(convs: tuple[nn.Conv2d, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
