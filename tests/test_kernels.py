@@ -155,7 +155,7 @@ def test_mhsa2d_chunks_keep_to_the_budget_at_a_large_map():
     rec = run_recorded(block, torch.randn(1, c, side, side), False)
     hw = side * side
     assert rec.largest <= max(_kernels.MASK_CHUNK_ELEMENTS, 4 * hw * 2 * side)
-    assert rec.largest < 4 * hw * hw / 100
+    assert rec.largest <= 4 * hw * hw / 64      # 1/64 of the (heads, HW, HW) logits
 
 
 # --- helpers ----------------------------------------------------------------------------
