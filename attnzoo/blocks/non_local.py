@@ -321,9 +321,9 @@ class CrissCrossAttention(nn.Module):
         q, k, v = qkv[..., :inner], qkv[..., inner:2 * inner], qkv[..., 2 * inner:]
         # Column logits: (i, j) against (r, j) for every row r, batched over columns j.
         col = torch.matmul(q.transpose(1, 2), k.permute(0, 2, 3, 1))    # (N, W, H_i, H_r)
-        # The position itself is in both its row and its column: count it in the row only
-        # (in place on the diagonal: a masked copy of the logits would cost a pass).
-        col.diagonal(dim1=-2, dim2=-1).fill_(float("-inf"))
+        # The position itself is in both its row and its column: count it in the row only.
+        itself = torch.eye(h, dtype=torch.bool, device=x.device)
+        col = col.masked_fill(itself, float("-inf"))
         # Row logits: (i, j) against (i, s) for every column s, batched over rows i.
         row = torch.matmul(q, k.transpose(-1, -2))                       # (N, H, W_j, W_s)
         attn = torch.cat([col.transpose(1, 2), row], dim=-1).softmax(dim=-1)
