@@ -193,20 +193,21 @@ def model_rows(pattern: str = "*") -> list[tuple[str, str, str, str]]:
 
 
 def _weights_cell(folder: Path, name: str) -> str:
-    """The weight tags of a zoo model: ``tag`` (loads), ``tag (not pinned)`` (listed,
-    refused until tools/pin_weights.py records its revision and sha256), or ``-``."""
+    """The default weight tag of a zoo model and how many more it has: ``tag``
+    (loads), ``tag +3 (not pinned)`` (listed, refused until tools/pin_weights.py
+    records its revision and sha256), or ``-``. ``attnzoo show NAME`` lists every tag."""
     path = folder / f"{name}.yaml"
     if not path.is_file():
         return "-"
     try:
-        tags = _read_yaml(path)["tags"]
+        manifest = _read_yaml(path)
+        tags, first = manifest["tags"], manifest["default"]
+        entry = tags[first]
     except Exception:  # noqa: BLE001
         return "invalid manifest"
-    cells = []
-    for tag, entry in tags.items():
-        pinned = entry.get("sha256") and (entry.get("repo") is None or entry.get("revision"))
-        cells.append(tag if pinned else f"{tag} (not pinned)")
-    return ", ".join(cells) or "-"
+    pinned = entry.get("sha256") and (entry.get("repo") is None or entry.get("revision"))
+    more = f" +{len(tags) - 1}" if len(tags) > 1 else ""
+    return f"{first}{more}" + ("" if pinned else " (not pinned)")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:

@@ -25,9 +25,17 @@ if TYPE_CHECKING:
 
 
 def _cmd_show(args: argparse.Namespace) -> int:
-    from .zoo import load_spec
+    from .manifests import load_manifest
+    from .zoo import list_models, load_spec
 
     print(load_spec(args.name).to_yaml(), end="")
+    manifest = load_manifest(args.name) if args.name in list_models() else None
+    if manifest is not None:  # as YAML comments: the output stays a spec
+        print("# weights (pretrained=TAG):")
+        for tag, entry in manifest.tags.items():
+            state = "" if entry.pinned else f"  (not pinned: no {', '.join(entry.unpinned())})"
+            default = "  [default]" if tag == manifest.default else ""
+            print(f"#   {tag}{default}{state}")
     return 0
 
 

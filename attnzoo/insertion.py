@@ -366,22 +366,21 @@ def _needs_second_look(p: _Planned, layouts: tuple[Layout | None, Layout | None]
 
 
 def _refuse_sites_inside_replacements(plan: list[_Planned]) -> None:
-    """A replaced module is gone from the built model: no other site may be it, lie
-    inside it, or hold it."""
+    """A replaced module is gone from the built model: no other site may be it or lie
+    inside it. A site that holds it (``after: layer1`` with ``layer1.0.conv2``
+    replaced) is fine: a replacement is built for the replaced module's output shape,
+    so what the holder takes and returns is unchanged."""
     for i, p in enumerate(plan):
         site = p.site
         if site.position != "replace":
             continue
         for j, q in enumerate(plan):
             other = q.site
-            if i == j:
-                continue
-            if other.path == site.path or other.path.startswith(site.path + ".") or (
-                    site.path.startswith(other.path + ".")):
+            if i != j and (other.path == site.path or other.path.startswith(site.path + ".")):
                 raise SpecError(
                     f"{p.where}: replaces {site.path!r}, and {q.where} uses "
-                    f"{other.path!r} ({other.position}); a replaced module cannot also be, "
-                    "contain or lie inside another site")
+                    f"{other.path!r} ({other.position}); a replaced module cannot also be "
+                    "or hold another site")
 
 
 def _what(layout: Layout) -> str:

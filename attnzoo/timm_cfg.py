@@ -34,10 +34,12 @@ def zoo_pretrained_cfg(spec: ModelSpec) -> dict[str, Any]:
         if backbone_cfg is not None:
             cfg = {k: v for k, v in dataclasses.asdict(backbone_cfg).items()
                    if k in _DATA_FIELDS and v is not None}
-    size = spec.backbone.args.get("img_size")
-    if size is not None:
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        cfg["input_size"] = (cfg.get("input_size", (3,))[0], *hw)
+    size, chans = spec.backbone.args.get("img_size"), spec.backbone.args.get("in_chans")
+    if size is not None or chans is not None:
+        c, *hw = cfg.get("input_size", (3, 224, 224))
+        if size is not None:
+            hw = [size, size] if isinstance(size, int) else list(size)
+        cfg["input_size"] = (c if chans is None else chans, *hw)
     if spec.input_size is not None:
         cfg["input_size"] = tuple(spec.input_size)
     if spec.num_classes is not None:
@@ -62,8 +64,10 @@ def apply_zoo_cfg(model: nn.Module, spec: ModelSpec, weights: dict[str, Any] | N
     has (an attnzoo architecture's own mean/std, say) under the spec's, plus the tag and
     Hub repo of ``weights`` (a ``model.attnzoo_weights`` record) when it has some."""
     own = getattr(model, "pretrained_cfg", None) or {}
-    cfg = {**{k: v for k, v in own.items() if k in _DATA_FIELDS and v is not None},
-           **zoo_pretrained_cfg(spec)}
+    zoo = zoo_pretrained_cfg(spec)
+    if spec.backbone.source != "timm" and spec.input_size is None and "input_size" in own:
+        zoo["input_size"] = tuple(own["input_size"])  # the architecture's, args applied
+    cfg = {**{k: v for k, v in own.items() if k in _DATA_FIELDS and v is not None}, **zoo}
     num_classes = getattr(model, "num_classes", None)
     if isinstance(num_classes, int):
         cfg["num_classes"] = num_classes

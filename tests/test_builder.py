@@ -132,6 +132,17 @@ def test_sites_inside_a_replaced_module_are_spec_errors(insert):
         attnzoo.create_model({"name": "x", "backbone": {"name": "resnet10t"}, "insert": insert})
 
 
+def test_a_site_may_hold_a_replaced_module():
+    """resnet50_cot's replaced 3x3 conv and a BAM after the stage that holds it."""
+    model = attnzoo.create_model({"name": "x", "backbone": {"name": "resnet10t"}, "insert": [
+        {"block": {"type": "contextual_transformer"},
+         "at": {"path": "layer1.0.conv2", "position": "replace"}},
+        {"block": {"type": "bam"}, "at": {"path": "layer1", "position": "after"}}]})
+    assert [b.block_type for b in model.attnzoo_blocks] == ["contextual_transformer", "bam"]
+    assert type(model.layer1[0].conv2).__name__ == "ContextualTransformer"
+    assert model(X).shape == (2, 1000)
+
+
 @pytest.mark.parametrize("block", ["se", "cbam", "eca", "simam", "global_context"])
 def test_zero_init_keeps_the_backbone_outputs(block):
     bare = live_bare()

@@ -135,8 +135,10 @@ def test_python_dash_m_attnzoo():
 def test_list_shows_family_paper_and_weights(capsys):
     assert main(["list", "*"]) == 0
     rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    assert re.search(r"^resnet50_se\s+channel\s+arXiv:1709\.01507\s+a1_in1k \(not pinned\)$",
+    assert re.search(r"^resnet50_se\s+channel\s+arXiv:1709\.01507\s+a1_in1k \+3 \(not pinned\)$",
                      rows["resnet50_se"])
+    assert re.search(r"^resnet50_sk\s+channel\s+arXiv:1903\.06586\s+ra_in1k \(not pinned\)$",
+                     rows["resnet50_sk"])
     assert re.search(r"^digits_cbam_tiny\s+mixed\s+arXiv:1807\.06521\s+sklearn_digits$",
                      rows["digits_cbam_tiny"])
     assert re.search(r"^resattnet56\s+architecture\s+arXiv:1704\.06904\s+-$",
@@ -207,6 +209,17 @@ def test_show_prints_the_spec_yaml(capsys):
     assert main(["show", "resnet50_cbam"]) == 0
     text = capsys.readouterr().out
     assert attnzoo.ModelSpec.from_yaml(text) == attnzoo.load_spec("resnet50_cbam")
+
+
+def test_show_lists_every_weight_tag_as_yaml_comments(capsys):
+    from attnzoo.manifests import load_manifest
+
+    assert main(["show", "resnet50_se"]) == 0
+    text = capsys.readouterr().out
+    assert attnzoo.ModelSpec.from_yaml(text) == attnzoo.load_spec("resnet50_se")
+    tags = [line.split()[1] for line in text.splitlines() if line.startswith("#   ")]
+    assert tags == list(load_manifest("resnet50_se").tags)
+    assert "#   a1_in1k  [default]  (not pinned: no revision, sha256)" in text
 
 
 @pytest.fixture(scope="module")

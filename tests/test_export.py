@@ -232,7 +232,11 @@ def resnet_blocks_spec(block_types: list[str]) -> ModelSpec:
     insert = []
     for ins in sorted(wanted, key=lambda ins: getattr(ins.at, "position", "") != "replace"):
         sites = resolve_sites(backbone, ins.model_copy(update={"blocks": None}), RESNET_CASE)
-        site = next((site for site in sites if site.path not in taken), None)
+        site = next((site for site in sites if not _overlaps(site.path, taken)), None)
+        if site is None and getattr(ins.at, "position", "") != "replace":
+            # its zoo sites all lie in replaced modules: before a residual add instead
+            residual = ins.model_copy(update={"at": "residual", "stages": [3], "blocks": None})
+            site = resolve_sites(backbone, residual, RESNET_CASE)[0]
         if site is None:  # every site this replacement can take is taken by another
             continue
         if site.position == "replace":
@@ -241,6 +245,11 @@ def resnet_blocks_spec(block_types: list[str]) -> ModelSpec:
                        "at": {"path": site.path, "position": site.position}})
     return ModelSpec.from_dict({"name": RESNET_CASE, "insert": insert, "backbone": {
         "name": RESNET, "args": {"layers": [1, 1, 1, 1]}}})
+
+
+def _overlaps(path: str, replaced: set[str]) -> bool:
+    """Whether ``path`` is or lies inside a replaced module (the builder refuses it)."""
+    return any(path == r or path.startswith(f"{r}.") for r in replaced)
 
 
 def _export_cases() -> dict[str, tuple[ModelSpec, list[str]]]:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import attnzoo
 from attnzoo import ModelSpec, SpecError
 from attnzoo.blocks.base import takes_one_tensor
+from attnzoo.blocks.spatial import SpatialTransformer
 from attnzoo.builder import probe_input_size
 from attnzoo.registry import block_configs
 from attnzoo.sites import RESNET_ALIASES
@@ -147,10 +148,12 @@ def specs(draw):
 
 
 def _input_for(model, spec: ModelSpec) -> tuple[int, ...]:
-    """The size the builder probed the model at; 32x32 for size-agnostic timm nets."""
+    """The size the builder probed the model at; 32x32 for size-agnostic timm nets (an
+    STN without loc_resolution is sized for its site, so it keeps the probed size)."""
     args = spec.backbone.args
     chans, h, w = probe_input_size(model, spec, args)
-    if spec.input_size is None and spec.backbone.source == "timm":
+    sized = any(isinstance(m, SpatialTransformer) and m.input_size for m in model.modules())
+    if spec.input_size is None and spec.backbone.source == "timm" and not sized:
         h = w = 32
     return (chans, h, w)
 

@@ -41,3 +41,16 @@ def test_pretrained_cfg_is_the_zoo_models_from_both_entry_points() -> None:
     assert loaded.pretrained_cfg == timm.create_model("digits_cbam_tiny",
                                                       pretrained=True).pretrained_cfg
     assert attnzoo.create_model("resnet18_se", num_classes=5).pretrained_cfg["num_classes"] == 5
+
+
+def test_input_size_follows_the_backbone_args() -> None:
+    """in_chans and img_size change the input a model takes: its cfg says so (found by
+    test_random_specs_build_or_raise_spec_error: a 1-channel tiny_cnn said 3)."""
+    tiny = attnzoo.create_model({"name": "t", "backbone": {
+        "source": "attnzoo", "name": "tiny_cnn", "args": {"img_size": 6}}, "insert": []})
+    assert tiny.pretrained_cfg["input_size"] == (1, 6, 6)
+    grey = attnzoo.create_model({"name": "g", "backbone": {
+        "name": "resnet10t", "args": {"in_chans": 1}}, "insert": []})
+    _, *hw = timm.create_model("resnet10t", pretrained=False).pretrained_cfg["input_size"]
+    assert grey.pretrained_cfg["input_size"] == (1, *hw)
+    assert timm.data.resolve_data_config(model=grey)["input_size"] == (1, *hw)

@@ -43,6 +43,7 @@ class SpatialTransformer(nn.Module):
         self.loc_resolution = loc_resolution
         side_h, side_w = ((loc_resolution, loc_resolution) if loc_resolution
                           else (int(input_size[0]), int(input_size[1])))
+        self.input_size = None if loc_resolution else (side_h, side_w)
         if side_h // 4 < 1 or side_w // 4 < 1:
             raise ValueError(f"the localisation net pools twice by 2 and needs a map of at "
                              f"least 4x4, got {side_h}x{side_w}")
@@ -75,6 +76,12 @@ class SpatialTransformer(nn.Module):
         """The (N, 2, 3) affine transforms the localisation net predicts for ``x``."""
         if self.loc_resolution:
             x = resize(x, (self.loc_resolution, self.loc_resolution))
+        elif tuple(x.shape[-2:]) != self.input_size:
+            h, w = self.input_size
+            raise ValueError(
+                f"stn: its localisation net is sized for {h}x{w} maps (the site's size when "
+                f"built) and got {x.shape[-2]}x{x.shape[-1]}; build the model for this "
+                "input size (spec input_size), or set loc_resolution to take any size")
         return self.theta(self.fc(self.features(x))).view(-1, 2, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +93,9 @@ class SpatialTransformer(nn.Module):
                              align_corners=False)
 
     def extra_repr(self) -> str:
-        return f"loc_resolution={self.loc_resolution}"
+        if self.loc_resolution:
+            return f"loc_resolution={self.loc_resolution}"
+        return f"input_size={self.input_size}"
 
 
 @register_block

@@ -226,11 +226,12 @@ EXACT = {
     + 3 * (4 * 1024 * 512 + 3 * 512 + 1024 + 2 * 1024),
     "resnet50_cca": 25_557_032 + 2 * (2 * (512 * 64 + 64) + 512 * 512 + 512 + 1)
     + 3 * (2 * (1024 * 128 + 128) + 1024 * 1024 + 1024 + 1),
-    # per bottleneck of width C: C + 4 * C * C/2 + 2C (LayerNorm)
     # per block: A, B, V (C -> C/2) and the reconstruction (C/2 -> C), with biases
     "resnet50_a2": 25_557_032 + sum(n * (4 * c * (c // 2) + 3 * (c // 2) + c)
                                     for n, c in ((2, 512), (3, 1024))),
-    "resnet50_psa_p": 25_557_032 + sum(n * (4 * c * (c // 2) + 3 * c)
+    # PSA_p as released: Wq_ch (C->1), Wv_ch, Wz, Wq_sp, Wv_sp (C<->C/2), no bias and
+    # no LayerNorm after Wz (the paper's eq. 3 has one: 2C more)
+    "resnet50_psa_p": 25_557_032 + sum(n * (4 * c * (c // 2) + c)
                                        for n, c in ((3, 64), (4, 128), (6, 256), (3, 512))),
 }
 

@@ -78,6 +78,13 @@ def test_localisation_net_has_the_papers_svhn_size():
     assert sum(p.numel() for p in stn.parameters()) == expected == 291_494
 
 
+def test_stn_sized_for_its_site_names_a_wrong_input_size():
+    stn = SpatialTransformer(3, input_size=(32, 32))
+    assert stn(torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"sized for 32x32 maps .* got 48x48.*loc_resolution"):
+        stn(torch.randn(1, 3, 48, 48))
+
+
 # --- Reverse attention ------------------------------------------------------------------
 
 
