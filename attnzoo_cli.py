@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="weights tag to push (zoo models)")
     p.add_argument("--revision", default=None, help="branch to push to")
     p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--allow-random-init", action="store_true",
+                   help="push a model whose weights are its random initialisation (refused "
+                   "otherwise; the card says so)")
     return parser
 
 

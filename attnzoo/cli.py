@@ -247,7 +247,8 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
     model = create_model(args.model, pretrained=args.pretrained)
     try:
-        url = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private)
+        url = push_to_hub(model, args.repo_id, revision=args.revision, private=args.private,
+                          allow_random_init=args.allow_random_init)
     except AttnZooError:
         raise
     except Exception as exc:  # noqa: BLE001 - network, auth and Hub errors alike

@@ -24,6 +24,7 @@ from .hub import hub_download, hub_weights
 from .hub_trust import remember, resolve_hub_file
 from .loading import WeightsPlan, build_init, load_checked, load_weights, reading
 from .manifests import resolve_zoo_weights, weights_dir
+from .provenance import remember_weights
 from .safe_weights import read_verified
 from .saved import folder_weights
 from .spec import ModelSpec
@@ -89,6 +90,7 @@ def create_model(
     with reading(resolved.weights) as weights:
         built = build_model(resolved.spec, num_classes, init=build_init(weights), **backbone_args)
         load_weights(built, weights, resolved.spec, num_classes, backbone_args)
+    remember_weights(built)
     return as_features(built, features_only, out_indices, feature_cls)
 
 
@@ -173,6 +175,7 @@ def load_zoo_weights(model: nn.Module, spec: ModelSpec, pretrained: bool | str) 
     load_checked(model, plan.read(), plan.where,
                  allow_new_head=plan.allows_new_head(model, None))
     model.attnzoo_weights = dict(plan.record)
+    remember_weights(model)
 
 
 __all__ = ["Resolved", "create_model", "load_zoo_weights", "resolve", "zoo_weights"]

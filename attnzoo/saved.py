@@ -26,6 +26,7 @@ from .errors import AttnZooError, SpecError, WeightsError
 from .hub_cache import hub_cache_dir, in_hub_cache
 from .inserted import INSERT_FILE, card_text, is_inserted, record_text
 from .loading import WeightsPlan
+from .provenance import derived_from, weights_state
 from .safe_weights import (
     PICKLE_SUFFIXES,
     TORCH_DTYPES,
@@ -141,9 +142,20 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
             "plain YAML values, so the saved spec could not rebuild it; pass plain values "
             "(numbers, strings, lists) or set them in the spec's backbone.args")
     loaded = getattr(model, "attnzoo_weights", None) or {}
+    state = weights_state(model)
     license = license or spec.license or loaded.get("license")
-    metrics = metrics if metrics is not None else loaded.get("metrics") or {}
-    source = source if source is not None else loaded.get("source") or {}
+    if state == "loaded":  # the very weights that were loaded: their record holds
+        metrics = metrics if metrics is not None else loaded.get("metrics") or {}
+        source = source if source is not None else loaded.get("source") or {}
+    else:  # new weights: what they come from, and only the caller's metrics
+        metrics, source = metrics or {}, source or {}
+    history: dict[str, Any] = {}
+    if state == "random":
+        history["init"] = "random"
+    elif state == "loaded" and loaded.get("derived_from"):
+        history["derived_from"] = loaded["derived_from"]
+    elif state != "loaded" and loaded:
+        history["derived_from"] = {"model": spec.name, **derived_from(loaded)}
     update: dict[str, Any] = {}
     n_classes = getattr(model, "num_classes", None)
     if isinstance(n_classes, int) and n_classes != spec.num_classes:
@@ -159,6 +171,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike[str], *,
 
     def write_card(f: BinaryIO) -> None:  # after the weights: it shows their sha256
         weights["sha256"] = written["sha256"]
+        weights.update(history)
         if source:
             weights["source"] = source
         if metrics:
@@ -225,7 +238,15 @@ def model_card(model: nn.Module, spec: ModelSpec, weights: dict[str, Any], *,
               f"- license: {license or 'not stated'}"]
     source = weights.get("source") or {}
     lines += ["", "## Provenance", ""]
-    lines += [f"- {k}: {v}" for k, v in source.items()] or ["- not recorded"]
+    if weights.get("init") == "random":
+        lines += ["- **random initialisation**: these weights were never loaded or trained"]
+    parent = weights.get("derived_from") or {}
+    if parent:
+        lines += ["- derived from: " + ", ".join(f"{k} `{v}`" for k, v in parent.items())
+                  + " (fine-tuned or otherwise changed since)"]
+    lines += [f"- {k}: {v}" for k, v in source.items()]
+    if len(lines) and lines[-1] == "":
+        lines += ["- not recorded"]
     metrics = weights.get("metrics") or {}
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]

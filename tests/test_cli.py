@@ -442,7 +442,7 @@ def test_push_without_network_is_one_line(monkeypatch, capsys):
     from attnzoo import hub
 
     monkeypatch.setattr(hub, "HfApi", _Unreachable)
-    assert main(["push", "digits_cbam_tiny", "me/digits"]) == 2
+    assert main(["push", "digits_cbam_tiny", "me/digits", "--pretrained", "sklearn_digits"]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
@@ -452,9 +452,19 @@ def test_push_without_network_is_one_line(monkeypatch, capsys):
     assert "check the network connection" in lines[0]
 
 
+def test_push_of_random_weights_is_refused_before_any_network_call(monkeypatch, capsys):
+    from attnzoo import hub
+
+    monkeypatch.setattr(hub, "HfApi", _Unreachable)
+    assert main(["push", "digits_cbam_tiny", "me/digits"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "random initialisation" in lines[0]
+    assert "--allow-random-init" in lines[0] and "ConnectionError" not in lines[0]
+
+
 def test_push_offline_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True, raising=False)
-    assert main(["push", "digits_cbam_tiny", "me/digits"]) == 2
+    assert main(["push", "digits_cbam_tiny", "me/digits", "--pretrained", "sklearn_digits"]) == 2
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith("attnzoo: error: push to me/digits failed")

@@ -141,3 +141,15 @@ def test_cli_push_of_a_saved_folder_keeps_its_provenance(saved: Path, monkeypatc
     pushed = yaml.safe_load(_RecordingApi.uploaded["attnzoo.yaml"])
     assert pushed["weights"]["source"] == {"trained_by": "a test"}
     assert pushed["weights"]["metrics"] == {"accuracy": 0.5}
+
+
+def test_push_of_random_weights_only_when_asked(fake_hub, monkeypatch) -> None:
+    monkeypatch.setattr(_RecordingApi, "calls", [])
+    monkeypatch.setattr(hub, "HfApi", _RecordingApi)
+    fresh = attnzoo.create_model(MODEL)
+    with pytest.raises(attnzoo.AttnZooError, match="random initialisation.*allow_random_init"):
+        attnzoo.push_to_hub(fresh, "me/random")
+    assert _RecordingApi.calls == []  # refused before the Hub is asked anything
+    attnzoo.push_to_hub(fresh, "me/random", allow_random_init=True)
+    assert b"random initialisation" in _RecordingApi.uploaded["README.md"]
+    assert yaml.safe_load(_RecordingApi.uploaded["attnzoo.yaml"])["weights"]["init"] == "random"

@@ -123,3 +123,60 @@ def test_missing_blocks_are_named_as_unexpected_keys(saved: Path) -> None:
     spec_file.write_text(yaml.safe_dump(data))
     with pytest.raises(WeightsError, match=r"not in the model: stages\.0\.0\.attnzoo_after\."):
         attnzoo.create_model(str(saved))
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def _one_step(model: torch.nn.Module) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()(digits_input()).logsumexp(1).mean().backward()
+    optimizer.step()
+
+
+def test_saving_loaded_weights_unchanged_keeps_their_record(tmp_path: Path) -> None:
+    loaded = attnzoo.create_model(MODEL, pretrained=True)
+    saved = attnzoo.save_pretrained(loaded, tmp_path / "same")
+    weights = yaml.safe_load((saved / "attnzoo.yaml").read_text())["weights"]
+    assert weights["metrics"] == loaded.attnzoo_weights["metrics"]
+    assert weights["source"] == loaded.attnzoo_weights["source"]
+    assert "derived_from" not in weights and "init" not in weights
+
+
+def test_fine_tuned_weights_say_what_they_derive_from_and_drop_old_metrics(
+        tmp_path: Path) -> None:
+    loaded = attnzoo.create_model(MODEL, pretrained=True)
+    original = dict(loaded.attnzoo_weights)
+    _one_step(loaded)
+    saved = attnzoo.save_pretrained(loaded, tmp_path / "tuned")
+    weights = yaml.safe_load((saved / "attnzoo.yaml").read_text())["weights"]
+    assert "metrics" not in weights and "source" not in weights
+    assert weights["derived_from"] == {"model": MODEL, "tag": original["tag"],
+                                       "file": original["file"], "sha256": original["sha256"]}
+    card = ModelCard.load(saved / "README.md")
+    assert f"derived from: model `{MODEL}`, tag `{original['tag']}`" in card.text
+    assert "## Metrics" not in card.text
+    for name, value in original["metrics"].items():
+        assert f"{value:.4f}" not in card.text, name
+    again = attnzoo.save_pretrained(loaded, tmp_path / "tuned2", metrics={"accuracy": 0.25})
+    assert yaml.safe_load((again / "attnzoo.yaml").read_text())["weights"]["metrics"] == {
+        "accuracy": 0.25}
+    # reloaded and saved again unchanged, the folder still says where it came from
+    reloaded = attnzoo.create_model(str(saved))
+    resaved = attnzoo.save_pretrained(reloaded, tmp_path / "resaved")
+    assert yaml.safe_load((resaved / "attnzoo.yaml").read_text())["weights"][
+        "derived_from"] == weights["derived_from"]
+
+
+def test_random_initialisation_is_said_in_the_file_and_the_card(tmp_path: Path) -> None:
+    fresh = attnzoo.create_model(MODEL)
+    saved = attnzoo.save_pretrained(fresh, tmp_path / "random")
+    assert yaml.safe_load((saved / "attnzoo.yaml").read_text())["weights"]["init"] == "random"
+    assert "random initialisation" in ModelCard.load(saved / "README.md").text
+    reloaded = attnzoo.create_model(str(saved))
+    with pytest.raises(attnzoo.AttnZooError, match="random initialisation"):
+        attnzoo.push_to_hub(reloaded, "me/random")
+    _one_step(fresh)  # trained from scratch: no longer random, nothing derived
+    weights = yaml.safe_load((attnzoo.save_pretrained(fresh, tmp_path / "trained")
+                              / "attnzoo.yaml").read_text())["weights"]
+    assert "init" not in weights and "derived_from" not in weights

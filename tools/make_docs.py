@@ -105,7 +105,8 @@ builds it (random initialisation, the spec's default number of classes).
   *released code* (the network of the authors' released code or checkpoints, which
   produced the paper's numbers), *paper* (the paper's description, where no code was
   released or the zoo follows the text), or *zoo's own* (a composition of the zoo's,
-  such as a block on a backbone its paper did not use).
+  such as a block on a backbone its paper did not use), or *timm's `name`* (the
+  network of that timm model, whose weights load into it; a test shows equal outputs).
 - **blocks and sites**: for each insertion of the spec, the block type, how many
   blocks the builder placed (`×N`) and the site: an alias of the backbone family
   (resnet: `after_conv1`, `after_conv2`, `after_conv3`, `residual` = after the
@@ -139,14 +140,19 @@ FOLLOWS = (
     ("released code", re.compile(r"\bfollows the (?:authors' )?released code\b",
                                  re.IGNORECASE)),
     ("paper", re.compile(r"\bfollows the paper\b", re.IGNORECASE)),
+    ("timm's `{0}`", re.compile(r"\bequals timm's ([\w.]+)")),
 )
 
 
 def follows(description: str) -> str:
-    """The "follows" cell: released code, paper or zoo's own, from the description's
-    wording ("follows the authors' released code", "follows the paper", "the zoo's own
-    composition"); "-" when it says none of them."""
-    return next((label for label, pattern in FOLLOWS if pattern.search(description)), "-")
+    """The "follows" cell: released code, paper, zoo's own or a timm model, from the
+    description's wording ("follows the authors' released code", "follows the paper",
+    "the zoo's own composition", "equals timm's NAME"); "-" when it says none of them."""
+    for label, pattern in FOLLOWS:
+        found = pattern.search(description)
+        if found:
+            return label.format(*found.groups())
+    return "-"
 
 
 @dataclass(frozen=True)

@@ -81,3 +81,14 @@ def test_paper_links():
 def test_gmacs_column_is_half_of_flopcountermode():
     row = make_docs.ModelRow("m", "-", "-", 1, (3, 224, 224), flops=8_183_398_400)
     assert row.cells()[-1] == "4.092"
+
+
+def test_every_zoo_model_says_what_it_follows():
+    """Each spec's description says whether the model is the released code's, the
+    paper's, the zoo's own composition or a timm model's network (issue 20)."""
+    unsaid = [name for name in attnzoo.list_models()
+              if make_docs.follows(attnzoo.load_spec(name).description or "") == "-"]
+    assert unsaid == []
+    assert make_docs.follows("equals timm's seresnet50 (its weights load)") == \
+        "timm's `seresnet50`"
+    assert make_docs.follows("the zoo's own composition; equals timm's x") == "zoo's own"
