@@ -13,12 +13,12 @@ from huggingface_hub import HfApi, hf_hub_download
 from torch import nn
 
 from ._version import __version__
-from .errors import AttnZooError, WeightsError
+from .errors import WeightsError
 from .hub_cache import cached_file_problem, forget_answer, quarantine, removal_advice
 from .hub_http import deadline, describe, is_offline
 from .loading import WeightsPlan
 from .manifests import COMMIT
-from .provenance import weights_state
+from .provenance import refuse_random_init
 from .safe_weights import HashMismatch, read_verified
 from .saved import SPEC_FILE, read_saved_spec, save_pretrained, saved_weights_plan
 from .spec import ModelSpec
@@ -176,18 +176,12 @@ def push_to_hub(model: nn.Module, repo_id: str, *, revision: str | None = None,
 
     ``license``, ``metrics``, ``source`` and ``tags`` go to :func:`save_pretrained` (the
     model card and ``attnzoo.yaml``); ``token`` (default: the logged-in one),
-    ``private``, ``commit_message`` and ``create_pr`` to ``huggingface_hub.HfApi``.
-
-    A model whose weights attnzoo initialised and that was never loaded or trained is
-    refused unless ``allow_random_init`` (its card then says "random initialisation")."""
+    ``private``, ``commit_message`` and ``create_pr`` to ``huggingface_hub.HfApi``. A
+    model never loaded or trained is refused unless ``allow_random_init``."""
     save_kwargs = {"license": license, "metrics": metrics, "source": source, "tags": tags}
     check_repo(repo_id, revision, "push_to_hub")
     spec = getattr(model, "attnzoo_spec", None)
-    if weights_state(model) == "random" and not allow_random_init:
-        raise AttnZooError(
-            f"push to {repo_id}: the model's weights are its random initialisation (never "
-            "loaded or trained since create_model); train or load it first, or pass "
-            "allow_random_init=True (CLI: --allow-random-init) to push it as such")
+    refuse_random_init(model, f"push to {repo_id}", allow_random_init)
     api = HfApi(token=token, library_name="attnzoo", library_version=__version__)
     api.create_repo(repo_id, private=private, exist_ok=True)
     if revision:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from torch import nn
 
+from .errors import AttnZooError
+
 _FINGERPRINT = "_attnzoo_weights_fingerprint"
 
 WeightsState = Literal["random", "loaded", "changed", "unknown"]
@@ -43,10 +45,21 @@ def weights_state(model: nn.Module) -> WeightsState:
     return "loaded"
 
 
+def refuse_random_init(model: nn.Module, what: str, allowed: bool) -> None:
+    """Refuse to publish weights that are attnzoo's random initialisation, unless
+    ``allowed``."""
+    if weights_state(model) == "random" and not allowed:
+        raise AttnZooError(
+            f"{what}: the model's weights are its random initialisation (never loaded or "
+            "trained since create_model); train or load it first, or pass "
+            "allow_random_init=True (CLI: --allow-random-init) to push it as such")
+
+
 def derived_from(record: dict[str, Any]) -> dict[str, Any]:
     """The identity of the loaded weights that new weights start from."""
     keys = ("model", "backbone", "tag", "repo", "revision", "file", "sha256", "loaded_from")
     return {k: record[k] for k in keys if record.get(k) is not None}
 
 
-__all__ = ["WeightsState", "derived_from", "remember_weights", "weights_state"]
+__all__ = ["WeightsState", "derived_from", "refuse_random_init", "remember_weights",
+           "weights_state"]

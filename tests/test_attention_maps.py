@@ -11,17 +11,7 @@ from torch import nn
 import attnzoo
 from attnzoo import attention_maps
 from attnzoo.attention_maps import record_attention, render_maps, spatial_maps
-
-
-def rand_(module: nn.Module, std: float = 0.3) -> nn.Module:
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn_like(p) * std)
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 1.5)
-    return module.eval()
+from tests._helpers.modules import randomize_ as rand_
 
 
 def maps_of(name: str, channels: int = 64, size=(8, 8), batch: int = 2, queries=None, **cfg):

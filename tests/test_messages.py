@@ -162,7 +162,7 @@ def test_push_to_hub_passes_the_card_arguments_to_save_pretrained(monkeypatch):
             return "url"
 
     monkeypatch.setattr(hub, "HfApi", _Api)
-    model = attnzoo.create_model("digits_cbam_tiny")
+    model = attnzoo.create_model("digits_cbam_tiny", pretrained=True)
     assert attnzoo.push_to_hub(model, "me/x", license="mit", metrics={"acc": 0.5},
                                source={"by": "a test"}, tags=["extra"]) == "url"
     assert "acc: 0.5" in saved["yaml"] and "by: a test" in saved["yaml"]

@@ -15,14 +15,14 @@ machine: the output depends only on the specs, attnzoo, timm and torch.
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from _generated import generator_main
 
 if TYPE_CHECKING:
     from torch import nn
@@ -283,27 +283,7 @@ def render(names: Iterable[str] | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 when the file differs from a fresh render")
-    parser.add_argument("--output", type=Path, default=OUTPUT,
-                        help=f"file to write or check (default: {OUTPUT.relative_to(ROOT)})")
-    args = parser.parse_args(argv)
-    text = render()
-    if args.check:
-        old = args.output.read_text(encoding="utf-8") if args.output.exists() else ""
-        if old == text:
-            print(f"{args.output} is up to date")
-            return 0
-        diff = difflib.unified_diff(old.splitlines(), text.splitlines(), str(args.output),
-                                    "fresh render", lineterm="", n=0)
-        print("\n".join(list(diff)[:40]), file=sys.stderr)
-        print(f"{args.output} is stale: run python tools/make_docs.py", file=sys.stderr)
-        return 1
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text, encoding="utf-8")
-    print(f"wrote {args.output}")
-    return 0
+    return generator_main(argv, __doc__.split("\n\n")[0], render, OUTPUT, ROOT, "make_docs.py")
 
 
 if __name__ == "__main__":
