@@ -303,13 +303,16 @@ def _load_fn(kind: str, files: dict[str, str], key: str) -> Callable[[], nn.Modu
     import attnzoo
 
     if kind.endswith("_first"):  # the file not yet verified on this machine: hashed
-        from attnzoo.settings import home
-
         warm = _load_fn(kind.removesuffix("_first"), files, key)
 
         def first_load() -> nn.Module:
-            (home() / "verified.json").unlink(missing_ok=True)
-            return warm()
+            # an empty attnzoo home of its own: the warm loads' records stay untouched
+            shared = os.environ["ATTNZOO_HOME"]
+            os.environ["ATTNZOO_HOME"] = tempfile.mkdtemp(dir=shared, prefix="cold-")
+            try:
+                return warm()
+            finally:
+                os.environ["ATTNZOO_HOME"] = shared
 
         return first_load
     if kind == "attnzoo_folder":
@@ -333,6 +336,7 @@ def _load_child(args: dict[str, Any]) -> dict[str, Any]:
     files = args["files"]
     os.environ[WEIGHTS_DIR_ENV] = files["weights"]  # the benchmark's own manifests
     os.environ["ATTNZOO_HOME"] = files["home"]      # its own verified-files cache
+    os.makedirs(files["home"], exist_ok=True)
     if args["what"] == "time":
         fns = {k: _load_fn(k, files, "big") for k in args["kinds"]}
         return interleaved(fns, args["repeats"], warmup=1)
