@@ -819,6 +819,8 @@ def render(results: dict[str, Any]) -> str:
         out += _render_kernels(results)
     if "training" in results:
         out += _render_training(results["training"])
+    for section in results.get("appendix", []):
+        out += [section, ""]
     if results.get("notes"):
         out += ["## Goals missed, and why", ""] + [f"- {n}" for n in results["notes"]] + [""]
     return "\n".join(out)
@@ -993,6 +995,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch.compile every pair, forward and forward+backward (slow)")
     parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--json", default=None, help="also write the raw results here")
+    parser.add_argument("--append", nargs="+", type=Path, default=[],
+                        help="Markdown files of hand-measured sections, appended as they are "
+                        "(before 'Goals missed')")
     parser.add_argument("--notes", default=None,
                         help="a text file of notes (one per line) for 'Goals missed, and why'")
     parser.add_argument("--from-json", nargs="+", default=None,
@@ -1020,6 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
                             if n.strip()]
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.append:
+        results["appendix"] = [p.read_text(encoding="utf-8").strip() for p in args.append]
     Path(args.out).write_text(render(results))
     print(f"wrote {args.out}", file=sys.stderr)
     return 0

@@ -62,9 +62,11 @@ def test_peers_build_and_report_renders(tmp_path: Path) -> None:
         "kernels": [{"block": "non_local", "channels": 512, "size": 32,
                      "attnzoo": {"seconds": 0.1, "peak_bytes": bench.MIB},
                      "naive": {"skipped": "skipped (needs ~9 GiB)"}}],
+        "appendix": ["## Measured by hand\n\na table"],
         "notes": ["a reason"],
     }
     text = bench.render(results)
+    assert text.index("## Measured by hand") < text.index("## Goals missed, and why")
     assert "| z | p | 1,000 ms | 900 ms | 1.11x | met |" in text
     assert "3.50x" in text and "1.10x" in text and "boom" in text
     assert "skipped (needs ~9 GiB)" in text and "- a reason" in text
