@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import SpecError, WeightsError
+from .errors import SpecError, WeightsError, short_list
 from .registry import did_you_mean
 from .safe_weights import SHA256, check_weights_file_name
 from .safe_yaml import load_yaml, read_source
@@ -135,8 +135,10 @@ def resolve_zoo_weights(model_name: str, pretrained: bool | str,
     manifest = load_manifest(model_name, folder)
     if manifest is None:
         have = [p.stem for p in sorted(folder.glob("*.yaml"))]
-        raise WeightsError(f"zoo model {model_name!r} has no pretrained weights; models "
-                           f"with weights: {', '.join(have) or 'none'}")
+        raise WeightsError(f"zoo model {model_name!r} has no pretrained weights of its own; "
+                           "start it from its backbone's ImageNet weights with "
+                           "pretrained_backbone=True (its blocks start as the identity). "
+                           f"Models with weights: {short_list(have) or 'none'}")
     if pretrained is True:
         tag = manifest.default
     elif isinstance(pretrained, str) and pretrained:

@@ -386,8 +386,11 @@ def test_unknown_weights_tag_lists_the_tags():
 def test_model_without_weights_lists_the_ones_that_have_them():
     with pytest.raises(WeightsError) as err:
         attnzoo.create_model("resnet18_se", pretrained=True)
-    assert str(err.value).startswith("zoo model 'resnet18_se' has no pretrained weights; "
-                                     "models with weights: digits_cbam_tiny")
+    assert str(err.value).startswith(
+        "zoo model 'resnet18_se' has no pretrained weights of its own; start it from its "
+        "backbone's ImageNet weights with pretrained_backbone=True")
+    assert "Models with weights: digits_cbam_tiny, " in str(err.value)
+    assert "more)" in str(err.value)  # the list is cut: the zoo has dozens
 
 
 def test_spec_error_is_a_value_error_and_both_are_attnzoo_errors():
