@@ -35,6 +35,12 @@ def timm_backbone(spec: ModelSpec) -> tuple[str, str]:
     whole model) of the spec's backbone."""
     if spec.backbone.source == "timm":
         return spec.backbone.name, ""
+    if spec.backbone.source == "torchvision":
+        raise WeightsError(
+            f"{spec.name}: pretrained_backbone= loads timm checkpoints, and this spec's "
+            f"backbone is torchvision's {spec.backbone.name!r}; use timm's model of the same "
+            f"name as the backbone (timm's resnet50 takes pretrained_backbone='tv_in1k', "
+            "torchvision's own weights), or load torchvision weights into the built model")
     found = architecture_backbone(spec.backbone.name)
     if found is None:
         raise WeightsError(f"{spec.name}: the attnzoo architecture {spec.backbone.name!r} has "

@@ -181,3 +181,11 @@ def test_the_checkpoint_must_hold_every_backbone_key(fake_hub) -> None:
     fake_hub.commit("timm/resnet18.a1_in1k", {"model.safetensors": save(state)})
     with pytest.raises(WeightsError, match=r"missing from the file: layer2\.0\.conv1\.weight"):
         attnzoo.create_model("resnet18_se", pretrained_backbone=True)
+
+
+def test_a_torchvision_backbone_is_told_to_use_timms_checkpoints() -> None:
+    spec = {"name": "tv_se", "backbone": {"source": "torchvision", "name": "resnet18"},
+            "insert": [{"block": {"type": "se"}, "at": "residual"}]}
+    with pytest.raises(WeightsError, match=r"tv_se: pretrained_backbone= loads timm checkpoints"
+                       r".*torchvision's 'resnet18'.*tv_in1k"):
+        attnzoo.create_model(spec, pretrained_backbone=True)
