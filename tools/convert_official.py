@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from _convert_cli import add_card_arguments, metrics_of, run_conversion
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Keys under which training scripts store the model's weights in a checkpoint.
@@ -89,14 +91,6 @@ def convert(paper: str, checkpoint: str | Path, out_dir: str | Path, *,
                                    license=license)
 
 
-def _metric(text: str) -> tuple[str, float]:
-    name, _, value = text.partition("=")
-    try:
-        return name, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paper", nargs="?", help="the release (cbam, eca, simam, gct, "
@@ -104,15 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", nargs="?", type=Path,
                         help="the authors' checkpoint (.pth / .pth.tar)")
     parser.add_argument("out_dir", nargs="?", type=Path, help="folder to write")
-    parser.add_argument("--license", default=None, help="license of the weights (the "
-                        "authors' repository states it)")
-    parser.add_argument("--metric", type=_metric, action="append", default=[],
-                        metavar="NAME=VALUE", help="a measured metric for the card")
+    add_card_arguments(parser, "license of the weights (the authors' repository states it)")
     parser.add_argument("--list", action="store_true", help="list the known releases")
     args = parser.parse_args(argv)
 
     from attnzoo.convert import OFFICIAL_RELEASES
-    from attnzoo.errors import AttnZooError
 
     if args.list:
         for name, release in OFFICIAL_RELEASES.items():
@@ -120,15 +110,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.paper is None or args.checkpoint is None or args.out_dir is None:
         parser.error("PAPER, CHECKPOINT and OUT_DIR are required (or --list)")
-    try:
-        out = convert(args.paper, args.checkpoint, args.out_dir, license=args.license,
-                      metrics=dict(args.metric) or None)
-    except AttnZooError as exc:
-        print(f"convert_official: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
+    return run_conversion("convert_official", lambda: convert(
+        args.paper, args.checkpoint, args.out_dir, license=args.license,
+        metrics=metrics_of(args)))
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))

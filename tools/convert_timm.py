@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from _convert_cli import add_card_arguments, metrics_of, run_conversion
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -63,14 +65,6 @@ def convert(zoo_name: str, checkpoint: str | Path, out_dir: str | Path, *,
                                    license=license or timm_license(source_repo))
 
 
-def _metric(text: str) -> tuple[str, float]:
-    name, _, value = text.partition("=")
-    try:
-        return name, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="zoo model with a timm equivalent, e.g. resnet50_se")
@@ -80,16 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revision", default=None, help="Hub revision (default: main)")
     parser.add_argument("--file", default="model.safetensors", help="file in the Hub repo")
     parser.add_argument("--out", type=Path, required=True, help="folder to write")
-    parser.add_argument("--license", default=None, help="license of the weights (default: "
-                        "timm's, for timm/ repos)")
-    parser.add_argument("--metric", type=_metric, action="append", default=[],
-                        metavar="NAME=VALUE", help="a measured metric for the card")
+    add_card_arguments(parser, "license of the weights (default: timm's, for timm/ repos)")
     args = parser.parse_args(argv)
 
-    from attnzoo.errors import AttnZooError
     from attnzoo.hub import commit_of, hub_download
 
-    try:
+    def fetch_and_convert() -> Path:
         revision = args.revision
         checkpoint = args.checkpoint
         if args.repo:
@@ -97,15 +87,11 @@ def main(argv: list[str] | None = None) -> int:
                                       check_bytes=True)
             # The cache path names the commit the revision resolved to.
             revision = commit_of(checkpoint) or revision
-        out = convert(args.model, checkpoint, args.out, source_repo=args.repo,
-                      source_revision=revision, license=args.license,
-                      metrics=dict(args.metric) or None)
-    except AttnZooError as exc:
-        print(f"convert_timm: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        return convert(args.model, checkpoint, args.out, source_repo=args.repo,
+                       source_revision=revision, license=args.license,
+                       metrics=metrics_of(args))
 
+    return run_conversion("convert_timm", fetch_and_convert)
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
