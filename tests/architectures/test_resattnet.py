@@ -18,6 +18,7 @@ from attnzoo.architectures.resattnet import (
     SoftMaskBranch,
     mask_depth,
 )
+from tests._helpers.exported import assert_export_matches, assert_onnxruntime_matches
 
 # name -> (attention modules per stage, params (M), GFLOPs as the paper counts them = GMACs)
 PAPER = {
@@ -173,19 +174,13 @@ def test_behaves_like_a_timm_classifier():
 
 def test_attention_module_exports():
     module = ResidualAttentionModule(8, depth=2).eval()
-    x = torch.randn(1, 8, 16, 16)
-    exported = torch.export.export(module, (x,))
-    torch.testing.assert_close(exported.module()(x), module(x))
+    assert_export_matches(module, torch.randn(1, 8, 16, 16))
 
 
 @pytest.mark.slow
 def test_attention_module_compiles_and_onnx_matches_onnxruntime(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     module = ResidualAttentionModule(8, depth=2).eval()
     x = torch.randn(1, 8, 16, 16)
     compiled = torch.compile(module, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), module(x))
-    torch.onnx.export(module, (x,), dynamo=True).save(str(tmp_path / "ran.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "ran.onnx"))
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(out), module(x), atol=1e-5, rtol=1e-5)
+    assert_onnxruntime_matches(module, x, tmp_path / "ran.onnx")

@@ -18,6 +18,7 @@ from attnzoo.architectures.stdc import (
     detail_target,
     stdc_widths,
 )
+from tests._helpers.exported import assert_export_matches, assert_onnxruntime_matches
 
 # name -> (STDC modules in stages 3-5, params (M), MFLOPs as the paper counts them = MMACs)
 PAPER = {
@@ -195,21 +196,14 @@ def test_detail_loss_rewards_the_right_edges():
 
 def test_stdc_module_exports():
     module = STDCModule(16, 32, stride=2).eval()
-    x = torch.randn(1, 16, 16, 16)
-    exported = torch.export.export(module, (x,))
-    torch.testing.assert_close(exported.module()(x), module(x))
+    assert_export_matches(module, torch.randn(1, 16, 16, 16))
 
 
 @pytest.mark.slow
 def test_stdc_seg_exports_compiles_and_onnx_matches_onnxruntime(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     model = STDCSeg(num_classes=3).eval()
     x = torch.randn(1, 3, 64, 64)
-    exported = torch.export.export(model, (x,))
-    torch.testing.assert_close(exported.module()(x), model(x))
-    torch.onnx.export(model, (x,), dynamo=True).save(str(tmp_path / "stdc.onnx"))
-    session = ort.InferenceSession(str(tmp_path / "stdc.onnx"))
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-    torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-5, rtol=1e-5)
+    assert_export_matches(model, x)
+    assert_onnxruntime_matches(model, x, tmp_path / "stdc.onnx")
     compiled = torch.compile(model.train(), fullgraph=True, backend="eager")
     assert len(compiled(torch.randn(2, 3, 64, 64))) == 4   # BN on the pooled tail: batch > 1

@@ -24,6 +24,7 @@ from attnzoo import SpecError
 from attnzoo.blocks.self_attention import MultiHeadSelfAttention2d, OutlookAttention
 from attnzoo.convert import from_timm
 from tests._helpers.blocks import block, conv1x1
+from tests._helpers.exported import assert_export_matches, assert_onnxruntime_matches
 from tests._helpers.modules import live_batchnorm_, randomize_
 
 # the non-local family (test_non_local.py) and the self-attention blocks
@@ -170,24 +171,18 @@ def test_blocks_run_the_same_ops_at_every_map_size(name):
 def test_blocks_export_and_compile_without_graph_breaks(name):
     m = block(name, 24, size=(6, 6)).eval()
     x = torch.randn(1, 24, 6, 6)
-    exported = torch.export.export(m, (x,))
-    torch.testing.assert_close(exported.module()(x), m(x))
+    assert_export_matches(m, x)
     compiled = torch.compile(m, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), m(x))
 
 
 @pytest.mark.slow
 def test_blocks_export_to_onnx_and_run_in_onnxruntime(tmp_path):
-    ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     x = torch.randn(1, 24, 6, 6)
     for name in ALL_BLOCKS:
         m = randomize_(block(name, 24, size=(6, 6)))
-        path = tmp_path / f"{name}.onnx"
-        torch.onnx.export(m, (x,), dynamo=True).save(str(path))
-        session = ort.InferenceSession(str(path))
-        (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-        torch.testing.assert_close(torch.from_numpy(out), m(x).detach(), atol=1e-4, rtol=1e-4)
+        assert_onnxruntime_matches(m, x, tmp_path / f"{name}.onnx", tol=1e-4)
 
 
 @pytest.mark.parametrize("name", ALL_BLOCKS)
