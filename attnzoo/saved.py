@@ -236,17 +236,16 @@ def model_card(model: nn.Module, spec: ModelSpec, weights: dict[str, Any], *,
               "", "## Spec", "", "```yaml", spec.to_yaml().rstrip(), "```", "",
               "## Weights", "", f"- file: `{weights['file']}`, sha256 `{weights['sha256']}`",
               f"- license: {license or 'not stated'}"]
-    source = weights.get("source") or {}
-    lines += ["", "## Provenance", ""]
+    provenance = []
     if weights.get("init") == "random":
-        lines += ["- **random initialisation**: these weights were never loaded or trained"]
-    parent = weights.get("derived_from") or {}
-    if parent:
-        lines += ["- derived from: " + ", ".join(f"{k} `{v}`" for k, v in parent.items())
-                  + " (fine-tuned or otherwise changed since)"]
-    lines += [f"- {k}: {v}" for k, v in source.items()]
-    if len(lines) and lines[-1] == "":
-        lines += ["- not recorded"]
+        provenance.append("- **random initialisation**: these weights were never loaded or "
+                          "trained")
+    if weights.get("derived_from"):
+        provenance.append("- derived from: " + ", ".join(
+            f"{k} `{v}`" for k, v in weights["derived_from"].items())
+            + " (fine-tuned or otherwise changed since)")
+    provenance += [f"- {k}: {v}" for k, v in (weights.get("source") or {}).items()]
+    lines += ["", "## Provenance", "", *(provenance or ["- not recorded"])]
     metrics = weights.get("metrics") or {}
     if metrics:
         lines += ["", "## Metrics", "", "| metric | value |", "| --- | --- |"]
